@@ -1,0 +1,44 @@
+"""D2LLM for LlamaIndex and Qdrant.
+
+Heavy imports (torch, transformers, llama-index) happen on first use of a name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "D2LLMStudent": "llama_index_d2llm.student",
+    "D2LLMConfig": "llama_index_d2llm.student",
+    "LoraSettings": "llama_index_d2llm.student",
+    "CheckpointError": "llama_index_d2llm.student",
+    "StudentMismatchError": "llama_index_d2llm.student",
+    "DeviceError": "llama_index_d2llm.student",
+    "D2LLMEmbedding": "llama_index_d2llm.embedding",
+    "D2LLMRerank": "llama_index_d2llm.postprocessor",
+    "D2LLMRetriever": "llama_index_d2llm.retriever",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llama_index_d2llm.embedding import D2LLMEmbedding
+    from llama_index_d2llm.postprocessor import D2LLMRerank
+    from llama_index_d2llm.retriever import D2LLMRetriever
+    from llama_index_d2llm.student import (
+        CheckpointError,
+        D2LLMConfig,
+        D2LLMStudent,
+        DeviceError,
+        LoraSettings,
+        StudentMismatchError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llama_index_d2llm' has no attribute {name!r}")

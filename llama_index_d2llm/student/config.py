@@ -1,0 +1,95 @@
+"""Configuration of a D2LLM student, as a dataclass that round-trips to JSON (like peft's)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from llama_index_d2llm.student.errors import CheckpointError
+
+#: Version of the on-disk layout; a directory written with another version is refused.
+FORMAT_VERSION = 1
+CONFIG_NAME = "d2llm_config.json"
+HEADS_NAME = "heads.safetensors"
+ADAPTER_DIR = "adapter"
+MERGED_BACKBONE_DIR = "backbone"
+
+TASKS = ("asymmetric", "symmetric")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the backbone (the released D2LLM code: r=8, alpha=8, dropout 0.05)."""
+
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class D2LLMConfig:
+    """Everything needed to rebuild a student except its weights.
+
+    ``backbone`` is a Hugging Face id or a local directory (relative paths are resolved
+    against the student directory), or ``None`` for the offline default Gemma 3 270M.
+    """
+
+    backbone: str | None = None
+    hidden_size: int = 0
+    pma_heads: int = 32
+    pma_ffn_size: int | None = None
+    iem_hidden_size: int = 512
+    max_query_length: int = 64
+    max_passage_length: int = 256
+    query_instruction: str = "Query: "
+    passage_instruction: str = "Passage: "
+    normalize: bool = True
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    trust_remote_code: bool = False
+    fingerprint: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if self.max_query_length < 1 or self.max_passage_length < 1:
+            raise ValueError("max_query_length and max_passage_length must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> D2LLMConfig:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"student written with format version {version!r}, this llama-index-d2llm "
+                f"reads version {FORMAT_VERSION}: install the matching package version or "
+                "re-export the student with `d2llm-rag distill`"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"unknown fields in {CONFIG_NAME}: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> D2LLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not readable JSON ({exc}); the student "
+                                  "directory is corrupt: save or distill it again") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} does not hold a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,429 @@
+"""The D2LLM student: an LLM bi-encoder (optionally LoRA-tuned) + PMA pooling + the IEM head.
+
+Used by both the LlamaIndex classes (inference) and the trainer (training); it knows
+nothing of either.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from llama_index_d2llm.student.backbone import (
+    DEFAULT_BACKBONE_NAME,
+    load_body,
+    load_tokenizer,
+    resolve_backbone,
+    resolve_device,
+    resolve_dtype,
+)
+from llama_index_d2llm.student.config import (
+    ADAPTER_DIR,
+    CONFIG_NAME,
+    HEADS_NAME,
+    MERGED_BACKBONE_DIR,
+    D2LLMConfig,
+    LoraSettings,
+)
+from llama_index_d2llm.student.errors import CheckpointError
+from llama_index_d2llm.student.iem import InteractionEmulation
+from llama_index_d2llm.student.pma import PMAPooling
+
+logger = logging.getLogger(__name__)
+
+TextKind = Literal["query", "passage"]
+Task = Literal["asymmetric", "symmetric"]
+VectorsLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[float]
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest
+
+
+def compute_fingerprint(config: D2LLMConfig, heads: dict[str, torch.Tensor],
+                        adapter: dict[str, torch.Tensor] | None) -> str:
+    """A short hash naming exactly these weights (backbone reference, heads, LoRA adapter)."""
+    digest = _tensor_digest(heads)
+    if adapter:
+        digest.update(_tensor_digest(adapter).digest())
+    identity = [config.backbone or DEFAULT_BACKBONE_NAME, config.hidden_size,
+                config.query_instruction, config.passage_instruction, config.normalize]
+    digest.update(repr(identity).encode())
+    return digest.hexdigest()[:16]
+
+
+class D2LLMStudent(nn.Module):
+    """Backbone + PMA + IEM. Build with ``from_backbone`` or load with ``from_pretrained``."""
+
+    def __init__(self, config: D2LLMConfig, backbone: nn.Module, tokenizer: Any,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pma = PMAPooling(config.hidden_size, config.pma_heads, config.pma_ffn_size)
+        self.iem = InteractionEmulation(config.hidden_size, config.iem_hidden_size)
+        self.backbone_dtype = dtype
+        self._loaded_fingerprint: str | None = None
+        self._warned_truncation: set[str] = set()
+        self.to(device)
+        self.backbone.to(dtype)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | None = None,
+        *,
+        lora: LoraSettings | None = LoraSettings(),  # noqa: B008 - dataclass is immutable in use
+        pma_heads: int = 32,
+        pma_ffn_size: int | None = None,
+        iem_hidden_size: int = 512,
+        max_query_length: int = 64,
+        max_passage_length: int = 256,
+        query_instruction: str = "Query: ",
+        passage_instruction: str = "Passage: ",
+        normalize: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        trust_remote_code: bool = False,
+        seed: int | None = None,
+    ) -> D2LLMStudent:
+        """A new student around any Hugging Face causal LM (hub id or local directory).
+
+        With no name, the offline default Gemma 3 270M (converted once, then cached).
+        The heads are freshly initialised: distil them before use (``d2llm-rag distill``).
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        path = resolve_backbone(name_or_path)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        body = load_body(path, dtype, trust_remote_code)
+        config = D2LLMConfig(
+            backbone=name_or_path, hidden_size=_hidden_size(body), pma_heads=pma_heads,
+            pma_ffn_size=pma_ffn_size, iem_hidden_size=iem_hidden_size,
+            max_query_length=max_query_length, max_passage_length=max_passage_length,
+            query_instruction=query_instruction, passage_instruction=passage_instruction,
+            normalize=normalize, lora=copy.deepcopy(lora), trust_remote_code=trust_remote_code,
+        )
+        if lora is not None:
+            body = _wrap_lora(body, lora)
+        return cls(config, body, tokenizer, device, dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        trainable: bool = False,
+        trust_remote_code: bool | None = None,
+    ) -> D2LLMStudent:
+        """Load a saved student. ``trainable=False`` merges LoRA into the backbone (faster)."""
+        directory = Path(directory).expanduser()
+        config_path = directory / CONFIG_NAME
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"no student directory at {str(directory)!r}: pass the --output directory of "
+                "`d2llm-rag distill` (or train one: d2llm-rag distill --corpus DOCS --output DIR)"
+            )
+        if not config_path.exists():
+            raise CheckpointError(
+                f"{str(directory)!r} has no {CONFIG_NAME}, so it is not a D2LLM student (or its "
+                "save was interrupted): distill or save it again"
+            )
+        config = D2LLMConfig.from_json_file(config_path)
+        heads = _load_safetensors(directory / HEADS_NAME)
+        adapter_dir = directory / ADAPTER_DIR
+        adapter = None
+        if config.lora is not None:
+            adapter = _load_safetensors(adapter_dir / "adapter_model.safetensors")
+        fingerprint = compute_fingerprint(config, heads, adapter)
+        if config.fingerprint is not None and fingerprint != config.fingerprint:
+            raise CheckpointError(
+                f"the weights in {str(directory)!r} do not match the fingerprint recorded in "
+                f"{CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files are corrupt "
+                "or were edited; restore them or distill the student again"
+            )
+        remote = config.trust_remote_code if trust_remote_code is None else trust_remote_code
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        path = resolve_backbone(config.backbone, base_dir=directory)
+        tokenizer = load_tokenizer(path, remote)
+        body = load_body(path, dtype, remote)
+        if _hidden_size(body) != config.hidden_size:
+            raise CheckpointError(
+                f"backbone {path!r} has hidden size {_hidden_size(body)}, the student was trained "
+                f"on one of {config.hidden_size}: point `backbone` in {CONFIG_NAME} at the model "
+                "it was distilled from"
+            )
+        if adapter is not None:
+            from peft import PeftModel
+
+            body = PeftModel.from_pretrained(body, str(adapter_dir), is_trainable=trainable)
+            if not trainable:
+                body = body.merge_and_unload()
+        student = cls(config, body, tokenizer, device, dtype)
+        missing, unexpected = student.heads_module().load_state_dict(heads, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{HEADS_NAME} in {str(directory)!r} does not fit this student (missing "
+                f"{missing}, unexpected {unexpected}): it was written by another version"
+            )
+        student._loaded_fingerprint = None if trainable else fingerprint
+        student.train(trainable)
+        return student
+
+    # ------------------------------------------------------------------ identity
+    def heads_module(self) -> nn.ModuleDict:
+        """PMA and IEM together: the weights saved in ``heads.safetensors``."""
+        return nn.ModuleDict({"pma": self.pma, "iem": self.iem})
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not _is_peft(self.backbone):
+            return None
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.backbone)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the weights that determine the vectors and scores (changes when trained)."""
+        if self._loaded_fingerprint is not None:
+            return self._loaded_fingerprint
+        return compute_fingerprint(self.config, self.heads_module().state_dict(),
+                                   self.adapter_state_dict())
+
+    @property
+    def name(self) -> str:
+        return f"D2LLM student on {self.config.backbone or DEFAULT_BACKBONE_NAME} ({self.fingerprint})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.pma.seed.device
+
+    @property
+    def dimension(self) -> int:
+        return self.config.hidden_size
+
+    # ------------------------------------------------------------------ encoding
+    def max_length(self, kind: TextKind) -> int:
+        return self.config.max_query_length if kind == "query" else self.config.max_passage_length
+
+    def tokenize(self, texts: Sequence[str], kind: TextKind = "passage") -> dict[str, torch.Tensor]:
+        """Instruction + text, truncated at the end to the student's max length, padded."""
+        if kind not in ("query", "passage"):
+            raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ValueError(
+                    f"text {i} is empty: empty texts have no meaning to embed; drop them first"
+                )
+        instruction = (self.config.query_instruction if kind == "query"
+                       else self.config.passage_instruction)
+        limit = self.max_length(kind)
+        encoded = self.tokenizer([instruction + t for t in texts], add_special_tokens=True,
+                                 truncation=False, padding=False)
+        ids = encoded["input_ids"]
+        longest = max((len(x) for x in ids), default=0)
+        if longest > limit:
+            ids = [x[:limit] for x in ids]
+            message = (f"{kind} texts longer than max_{kind}_length={limit} tokens (longest "
+                       f"{longest}) are truncated; raise the limit or split the text")
+            if kind not in self._warned_truncation:
+                logger.warning(message)
+                self._warned_truncation.add(kind)
+        padded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in padded.items()
+                if k in ("input_ids", "attention_mask")}
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states of the backbone, as float32."""
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return output.last_hidden_state.float()
+
+    def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """PMA over token states, then L2 normalisation when the config asks for it.
+
+        Vectors are normalised here, by the student, because Qdrant's cosine collections
+        store normalised vectors: the IEM then sees the same vectors in training and after
+        a round trip through the store.
+        """
+        vectors = self.pma(token_states.float(), attention_mask)
+        if self.config.normalize:
+            vectors = nn.functional.normalize(vectors, dim=-1)
+        return vectors
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vectors for a tokenized batch, with gradients when training."""
+        return self.pool(self.token_states(batch["input_ids"], batch["attention_mask"]),
+                         batch["attention_mask"])
+
+    def encode(self, texts: Sequence[str], kind: TextKind = "passage", batch_size: int = 16,
+               show_progress: bool = False) -> torch.Tensor:
+        """One float32 vector per text, in input order, shape ``(len(texts), dimension)``.
+
+        Texts are sorted by length internally so that each batch pads little.
+        """
+        texts = list(texts)
+        if not texts:
+            return torch.empty(0, self.dimension)
+        lengths = [len(t) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        output = torch.empty(len(texts), self.dimension)
+        batches = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"encoding {kind}s", unit="batch")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in batches:
+                    index = order[start:start + batch_size]
+                    batch = self.tokenize([texts[i] for i in index], kind)
+                    output[index] = self.embed(batch).float().cpu()
+        finally:
+            self.train(was_training)
+        return output
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, query_vectors: VectorsLike, passage_vectors: VectorsLike,
+              task: Task = "asymmetric") -> torch.Tensor:
+        """IEM logits: ``(N,)`` for one query and N passages, ``(Q, N)`` for Q queries.
+
+        Passages may be ``(N, d)`` (shared) or ``(Q, N, d)`` (one list per query).
+        """
+        queries = torch.as_tensor(np.asarray(query_vectors, dtype=np.float32)
+                                  if not isinstance(query_vectors, torch.Tensor)
+                                  else query_vectors, dtype=torch.float32).to(self.device)
+        passages = torch.as_tensor(np.asarray(passage_vectors, dtype=np.float32)
+                                   if not isinstance(passage_vectors, torch.Tensor)
+                                   else passage_vectors, dtype=torch.float32).to(self.device)
+        if passages.numel() == 0:
+            return torch.empty(passages.shape[:-1] if passages.dim() > 1 else (0,))
+        with torch.inference_mode():
+            return self.iem(queries, passages, task).float().cpu()
+
+    # ------------------------------------------------------------------ saving
+    def merge_lora(self) -> None:
+        """Fold LoRA into the backbone weights for inference (about 2x faster on CPU)."""
+        if _is_peft(self.backbone):
+            self._loaded_fingerprint = self.fingerprint
+            self.backbone = self.backbone.merge_and_unload()
+
+    def save_pretrained(self, directory: str | os.PathLike, merged: bool = False) -> Path:
+        """Write config JSON + safetensors, atomically (a temp dir renamed into place).
+
+        The backbone is referenced, not copied, unless ``merged=True``: then the LoRA-merged
+        backbone and its tokenizer are written under ``backbone/`` and the student no longer
+        depends on the original model.
+        """
+        from safetensors.torch import save_file
+
+        if self._loaded_fingerprint is not None and self.config.lora is not None and not merged:
+            raise CheckpointError(
+                "this student's LoRA was merged into the backbone at load time, so the adapter "
+                "cannot be saved on its own: load it with trainable=True, or save with merged=True"
+            )
+        directory = Path(directory).expanduser().resolve()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            config = copy.deepcopy(self.config)
+            heads = {k: v.detach().float().cpu().contiguous()
+                     for k, v in self.heads_module().state_dict().items()}
+            save_file(heads, str(work / HEADS_NAME), metadata={"format": "pt"})
+            if merged:
+                body = self.backbone
+                if _is_peft(body):
+                    body = copy.deepcopy(body).merge_and_unload()
+                body.save_pretrained(work / MERGED_BACKBONE_DIR, safe_serialization=True)
+                self.tokenizer.save_pretrained(work / MERGED_BACKBONE_DIR)
+                config.backbone = MERGED_BACKBONE_DIR
+                config.lora = None
+                adapter = None
+            elif _is_peft(self.backbone):
+                self.backbone.save_pretrained(work / ADAPTER_DIR, safe_serialization=True)
+                adapter = _load_safetensors(work / ADAPTER_DIR / "adapter_model.safetensors")
+            else:
+                config.lora = None
+                adapter = None
+            config.fingerprint = compute_fingerprint(config, _load_safetensors(
+                work / HEADS_NAME), adapter)
+            config.to_json_file(work / CONFIG_NAME)
+            _replace_directory(work, directory)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if not merged:
+            self.config.fingerprint = config.fingerprint
+        return directory
+
+
+def _hidden_size(body: nn.Module) -> int:
+    config = body.config
+    text_config = getattr(config, "text_config", None) or config
+    return int(text_config.hidden_size)
+
+
+def _is_peft(module: nn.Module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def _wrap_lora(body: nn.Module, lora: LoraSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, bias="none")
+    return get_peft_model(body, peft_config)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise CheckpointError(
+            f"{str(path)!r} is missing: the student directory is incomplete; copy it whole or "
+            "distill it again"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({exc}): the student directory "
+            "is corrupt; restore it or distill it again"
+        ) from exc
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``; an existing target is swapped out only after success."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+        os.replace(source, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(source, target)

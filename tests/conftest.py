@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny_models import build_tiny_causal_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    """Directory of a tiny random Llama-style causal LM with its tokenizer."""
+    return str(build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_backbone(tmp_path_factory) -> str:
+    """The same, with the Gemma 3 architecture of the default model."""
+    return str(build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gemma"), arch="gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_backbone) -> str:
+    """A saved student (LoRA adapter + heads) around the tiny backbone."""
+    from llama_index_d2llm import D2LLMStudent
+
+    student = D2LLMStudent.from_backbone(tiny_backbone, pma_heads=4, iem_hidden_size=16,
+                                         dtype="float32", seed=0)
+    _perturb_lora(student)
+    return str(student.save_pretrained(tmp_path_factory.mktemp("students") / "student"))
+
+
+def _perturb_lora(student) -> None:
+    """LoRA B starts at zero; give it values so that the adapter really changes vectors."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in student.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)

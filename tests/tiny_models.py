@@ -1,0 +1,65 @@
+"""Tiny, randomly initialised causal LMs and tokenizers built offline for the tests.
+
+A byte-level BPE tokenizer is trained on a few sentences (so any text tokenizes, and
+"yes"/"no" are single tokens), and a 2-layer Llama or Gemma 3 model is built from a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "the cat sat on the mat . a dog runs in the park . yes no Yes No answer query passage "
+    "question document science protein cell gene cancer water energy climate city river "
+    "history music computer network model data learning quantum physics chemistry sun moon"
+)
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator([WORDS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_causal_lm(directory: str | Path, arch: str = "llama", hidden_size: int = 32,
+                         seed: int = 0) -> Path:
+    """Save a tiny random causal LM + tokenizer into ``directory`` and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**common)
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        config = Gemma3TextConfig(**common, head_dim=hidden_size // 4, sliding_window=16)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
