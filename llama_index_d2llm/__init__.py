@@ -22,7 +22,17 @@ _EXPORTS = {
     "D2LLMRetriever": "llama_index_d2llm.retriever",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointError",
+    "D2LLMConfig",
+    "D2LLMEmbedding",
+    "D2LLMRerank",
+    "D2LLMRetriever",
+    "D2LLMStudent",
+    "DeviceError",
+    "LoraSettings",
+    "StudentMismatchError",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index_d2llm.embedding import D2LLMEmbedding

@@ -216,7 +216,8 @@ class D2LLMStudent(nn.Module):
 
     @property
     def name(self) -> str:
-        return f"D2LLM student on {self.config.backbone or DEFAULT_BACKBONE_NAME} ({self.fingerprint})"
+        backbone = self.config.backbone or DEFAULT_BACKBONE_NAME
+        return f"D2LLM student on {backbone} ({self.fingerprint})"
 
     @property
     def device(self) -> torch.device:
