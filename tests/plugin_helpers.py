@@ -48,12 +48,18 @@ def build_index(embed: Any, store: Any = None) -> tuple[Any, Any]:
     return index, store
 
 
-def direct_scores(student: Any, query: str, texts: list[str], task: str = "asymmetric"
-                  ) -> dict[str, float]:
-    """IEM scores computed straight from the student, keyed by passage text."""
-    logits = student.score(student.encode([query], kind="query")[0], student.encode(texts),
-                           task=task)
-    return dict(zip(texts, logits.tolist(), strict=True))
+def embedded_texts() -> list[str]:
+    """What LlamaIndex hands the embed model for each document: metadata, then the text."""
+    from llama_index.core.schema import MetadataMode
+
+    return [doc.get_content(metadata_mode=MetadataMode.EMBED) for doc in documents()]
+
+
+def direct_scores(student: Any, query: str, task: str = "asymmetric") -> dict[str, float]:
+    """IEM scores computed straight from the student, keyed by passage text (no Qdrant)."""
+    logits = student.score(student.encode([query], kind="query")[0],
+                           student.encode(embedded_texts()), task=task)
+    return dict(zip(TEXTS, logits.tolist(), strict=True))
 
 
 def count_encodes(monkeypatch: Any, student: Any) -> Counter:
@@ -81,3 +87,23 @@ def other_student(backbone: str, seed: int = 1) -> Any:
                 param.normal_(0, 0.05)
     student.merge_lora()
     return student
+
+
+#: The three ways a QdrantVectorStore collection can hold its dense vectors.
+VECTOR_LAYOUTS = ("unnamed", "named", "custom-name")
+
+
+def store_with_layout(layout: str, dimension: int, client: Any = None) -> Any:
+    """A store whose collection holds dense vectors unnamed (what QdrantVectorStore creates
+    by itself), named "text-dense" (its default name), or under a custom name."""
+    from qdrant_client import QdrantClient, models
+
+    client = client or QdrantClient(":memory:")
+    params = models.VectorParams(size=dimension, distance=models.Distance.COSINE)
+    if layout == "unnamed":
+        return qdrant_store(client)
+    name = "text-dense" if layout == "named" else "my-dense"
+    client.create_collection("docs", vectors_config={name: params})
+    store = qdrant_store(client, dense_vector_name=None if layout == "named" else name)
+    assert store.dense_vector_name == name
+    return store
