@@ -1,0 +1,236 @@
+"""Stage 1: documents -> passages.
+
+Two sources: a folder of documents (read by LlamaIndex's ``SimpleDirectoryReader`` and cut by
+its ``SentenceSplitter`` into passages no longer than the student reads), or a BEIR corpus
+(``corpus.jsonl`` with ``_id``, ``title``, ``text``), whose ids the relevance judgements name.
+Passage ids are stable across runs (relative path + chunk number), because the caches of later
+stages (negatives, teacher scores) and the vector store refer to them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_index_d2llm.student.errors import D2LLMError
+
+logger = logging.getLogger(__name__)
+
+BEIR_CORPUS_NAME = "corpus.jsonl"
+# Readers LlamaIndex has for these need models or media tools and give no passage text.
+_MEDIA_SUFFIXES = frozenset({".gif", ".jpg", ".jpeg", ".png", ".webp", ".mp3", ".mp4"})
+_SNIFF_BYTES = 8192
+
+
+class CorpusError(D2LLMError, ValueError):
+    """The corpus cannot be read or is unusable; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One unit of retrieval: what is embedded, stored and returned."""
+
+    id: str
+    text: str
+
+
+def load_corpus(path: str | Path, *, max_tokens: int | None = None, tokenizer: Any = None,
+                chunk_overlap: int = 20, exclude: list[str] | None = None,
+                show_progress: bool = False) -> list[Passage]:
+    """Passages from a document folder or a BEIR corpus (``corpus.jsonl`` or a folder with one).
+
+    Folders are read recursively (hidden files skipped, ``exclude`` globs honoured) and split
+    into passages of at most ``max_tokens`` tokens as counted by ``tokenizer`` (a Hugging Face
+    tokenizer or any ``str -> list`` callable; pass the student's so that passages fit its
+    ``max_passage_length``; without one, words and punctuation are counted). With no
+    ``max_tokens`` each document is one passage. BEIR passages are never split: the
+    relevance judgements name whole documents.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CorpusError(
+            f"corpus path {str(path)!r} does not exist: pass a folder of documents, a BEIR "
+            f"{BEIR_CORPUS_NAME}, or a BEIR folder that contains one"
+        )
+    if path.is_file() and path.suffix == ".jsonl":
+        passages = load_beir_corpus(path)
+    elif path.is_dir() and (path / BEIR_CORPUS_NAME).is_file():
+        passages = load_beir_corpus(path / BEIR_CORPUS_NAME)
+    else:
+        passages = _load_documents(path, max_tokens=max_tokens, tokenizer=tokenizer,
+                                   chunk_overlap=chunk_overlap, exclude=exclude,
+                                   show_progress=show_progress)
+    if not passages:
+        raise CorpusError(
+            f"the corpus at {str(path)!r} has no passages (no file with text in it): add text "
+            "documents (.txt, .md, .pdf, .docx, ...) or point at another folder"
+        )
+    _check_unique(passages, path)
+    return passages
+
+
+def load_beir_corpus(path: str | Path) -> list[Passage]:
+    """One passage per line of a BEIR ``corpus.jsonl``: text is ``title\\ntext`` (title if any)."""
+    path = Path(path)
+    passages: list[Passage] = []
+    skipped = 0
+    for number, record in _read_jsonl(path, CorpusError):
+        doc_id = record.get("_id", record.get("id"))
+        if doc_id is None:
+            raise CorpusError(
+                f"{path}:{number} has no '_id' field: each BEIR corpus line needs "
+                '{"_id": ..., "title": ..., "text": ...}'
+            )
+        title = str(record.get("title") or "").strip()
+        text = str(record.get("text") or "").strip()
+        joined = f"{title}\n{text}" if title and text else title or text
+        if not joined:
+            skipped += 1
+            continue
+        passages.append(Passage(str(doc_id), joined))
+    if skipped:
+        logger.warning("%s: skipped %d documents with neither title nor text", path, skipped)
+    return passages
+
+
+def _read_jsonl(path: Path, error: type[Exception]) -> Iterable[tuple[int, dict]]:
+    """(line number, object) per non-blank line; a bad line is an error naming its number."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise error(
+                        f"{path}:{number} is not valid JSON ({exc}): each line of a .jsonl file "
+                        "must be one JSON object; fix or remove that line"
+                    ) from exc
+                if not isinstance(record, dict):
+                    raise error(f"{path}:{number} is not a JSON object: write one object a line")
+                yield number, record
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(
+            f"cannot read {str(path)!r} ({exc}): check that it exists, is readable and is UTF-8"
+        ) from exc
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], list]:
+    """A ``str -> list of tokens`` callable for the splitter, from a tokenizer or a callable."""
+    if tokenizer is None:
+        return lambda text: re.findall(r"\w+|[^\w\s]", text)
+    if hasattr(tokenizer, "encode"):
+        def encode(text: str) -> list:
+            try:  # Hugging Face tokenizers: count content tokens, not <bos>
+                return tokenizer.encode(text, add_special_tokens=False)
+            except TypeError:
+                return tokenizer.encode(text)
+        return encode
+    if callable(tokenizer):
+        return tokenizer
+    raise TypeError(f"tokenizer must be a tokenizer with .encode or a callable, got {tokenizer!r}")
+
+
+def _load_documents(root: Path, *, max_tokens: int | None, tokenizer: Any, chunk_overlap: int,
+                    exclude: list[str] | None, show_progress: bool) -> list[Passage]:
+    from llama_index.core import SimpleDirectoryReader
+
+    splitter = _splitter(max_tokens, tokenizer, chunk_overlap)
+    try:
+        if root.is_dir():
+            reader = SimpleDirectoryReader(input_dir=str(root), recursive=True, exclude=exclude,
+                                           exclude_empty=True)
+            base = root
+        else:
+            reader = SimpleDirectoryReader(input_files=[str(root)])
+            base = root.parent
+    except ValueError as exc:  # "No files found in ..."
+        raise CorpusError(
+            f"no documents found under {str(root)!r} ({exc}): add text files (.txt, .md, .pdf, "
+            "...) or point at another folder"
+        ) from exc
+    files = sorted(reader.input_files, key=lambda f: Path(f).relative_to(base).as_posix())
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        files = tqdm(files, desc="reading documents", unit="file")
+    passages: list[Passage] = []
+    for file in files:
+        relative = Path(file).relative_to(base).as_posix()
+        chunks = [chunk for text in _read_file(Path(file), reader)
+                  for chunk in (splitter(text) if splitter else [text])]
+        chunks = [chunk.strip() for chunk in chunks if chunk.strip()]
+        passages.extend(Passage(f"{relative}#{number}", chunk)
+                        for number, chunk in enumerate(chunks))
+    return passages
+
+
+def _read_file(file: Path, reader: Any) -> list[str]:
+    """The texts of one file (several for paged formats such as PDF)."""
+    suffix = file.suffix.lower()
+    fix = f"remove it or leave it out with exclude=['*{suffix or file.name}']"
+    if suffix in _MEDIA_SUFFIXES:
+        raise CorpusError(f"{str(file)!r}: no reader turns {suffix} files into text: {fix}")
+    known = suffix in type(reader).supported_suffix_fn() or suffix in reader.file_extractor
+    if not known:
+        try:
+            head = file.read_bytes()[:_SNIFF_BYTES]
+        except OSError as exc:
+            raise CorpusError(f"cannot read {str(file)!r} ({exc}): fix its permissions or {fix}"
+                              ) from exc
+        if b"\x00" in head:
+            raise CorpusError(
+                f"{str(file)!r} is a binary file and no reader handles {suffix or 'its'} files: "
+                f"convert it to text or PDF, or {fix}"
+            )
+    try:
+        documents = reader.load_file(file, file_metadata=None, file_extractor=reader.file_extractor,
+                                     encoding="utf-8", errors="strict", raise_on_error=True)
+    except ImportError as exc:
+        raise CorpusError(f"reading {str(file)!r} needs an optional package ({exc}): install it, "
+                          f"or {fix}") from exc
+    except Exception as exc:  # readers raise anything; the cause is chained for the user
+        cause = exc.__cause__ or exc
+        raise CorpusError(
+            f"cannot read {str(file)!r} ({type(cause).__name__}: {cause}): convert it to UTF-8 "
+            f"text, repair it, or {fix}"
+        ) from exc
+    return [document.text for document in documents if document.text.strip()]
+
+
+def _splitter(max_tokens: int | None, tokenizer: Any, chunk_overlap: int
+              ) -> Callable[[str], list[str]] | None:
+    if max_tokens is None:
+        return None
+    if max_tokens < 8:
+        raise CorpusError(f"max_tokens={max_tokens} is too small to hold a sentence: use the "
+                          "student's max_passage_length (256 by default)")
+    if not 0 <= chunk_overlap < max_tokens:
+        raise CorpusError(f"chunk_overlap={chunk_overlap} must be >= 0 and smaller than "
+                          f"max_tokens={max_tokens}: lower it (20 is a good default)")
+    from llama_index.core.node_parser import SentenceSplitter
+
+    splitter = SentenceSplitter(chunk_size=max_tokens, chunk_overlap=chunk_overlap,
+                                tokenizer=token_counter(tokenizer))
+    return splitter.split_text
+
+
+def _check_unique(passages: list[Passage], path: Path) -> None:
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for passage in passages:
+        if passage.id in seen:
+            duplicates.append(passage.id)
+        seen.add(passage.id)
+    if duplicates:
+        shown = ", ".join(repr(d) for d in duplicates[:5])
+        raise CorpusError(
+            f"the corpus at {str(path)!r} has {len(duplicates)} duplicate passage ids ({shown}): "
+            "every document needs its own id; remove or renumber the duplicates"
+        )

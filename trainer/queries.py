@@ -1,0 +1,416 @@
+"""Stage 2: queries with their positive passages, and symmetric sentence pairs.
+
+Distillation needs queries. A BEIR data set brings them (``queries.jsonl`` + qrels); a user with
+only documents has none, so the teacher LLM writes them (``generate_queries``: one query per
+passage, the passage is its positive). Symmetric tasks (STS, NLI) come as sentence pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import random
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llama_index_d2llm.trainer.cache import atomic_write_text, content_key
+from llama_index_d2llm.trainer.corpus import Passage, _read_jsonl
+from llama_index_d2llm.trainer.prompts import (
+    GENERATION_EXAMPLES,
+    GENERATION_PASSAGE_PREFIX,
+    GENERATION_QUERY_PREFIX,
+    generation_prefix,
+)
+
+from llama_index_d2llm.student.errors import D2LLMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llama_index_d2llm.trainer.teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+GENERATION_VERSION = "generate-queries-v1"
+# NLI labels as graded relevance. Entailment: the hypothesis holds given the premise (1).
+# Contradiction: it cannot (0). Neutral: same scene, not implied; "absolutely correct" in the
+# paper's symmetric prompt fails, but it is closer than a contradiction, so 0.5. Select
+# positives with score == 1 and take contradictions as the hard negatives.
+NLI_LABEL_SCORES: dict[str, float] = {
+    "entailment": 1.0, "0": 1.0, "neutral": 0.5, "1": 0.5, "contradiction": 0.0, "2": 0.0,
+}
+STS_MAX_SCORE = 5.0
+_PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("text_a", "text_b"),
+                 ("query", "passage"), ("anchor", "positive"))
+_SCORE_COLUMNS = ("score", "label", "similarity", "gold_label", "relevance")
+
+
+class QueryError(D2LLMError, ValueError):
+    """Query, qrels or pair files that cannot be used; the message says what to change."""
+
+
+@dataclass
+class Query:
+    """A query and the ids of the passages that answer it."""
+
+    id: str
+    text: str
+    positives: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SymmetricPair:
+    """Two interchangeable statements and, when known, their relevance in [0, 1]."""
+
+    text_a: str
+    text_b: str
+    score: float | None = None
+
+
+# ---------------------------------------------------------------------------- BEIR queries
+def load_queries(queries_path: str | Path, qrels_path: str | Path,
+                 passage_ids: Collection[str]) -> list[Query]:
+    """BEIR queries (``_id``, ``text``) joined with qrels (``query-id corpus-id score``).
+
+    A qrels score above 0 makes a positive. Queries without a positive are dropped with a
+    warning (an error when none has one); qrels naming a document missing from the corpus are
+    an error, since they would silently teach wrong positives.
+    """
+    queries_path, qrels_path = Path(queries_path), Path(qrels_path)
+    if queries_path.is_dir() and (queries_path / "queries.jsonl").is_file():
+        queries_path = queries_path / "queries.jsonl"
+    for path, what in ((queries_path, "queries file (queries.jsonl)"),
+                       (qrels_path, "qrels file (e.g. qrels/train.tsv)")):
+        if not path.is_file():
+            raise QueryError(f"the {what} {str(path)!r} does not exist: pass the BEIR file")
+    texts: dict[str, str] = {}
+    for number, record in _read_jsonl(queries_path, QueryError):
+        query_id = record.get("_id", record.get("id"))
+        text = str(record.get("text") or "").strip()
+        if query_id is None:
+            raise QueryError(f"{queries_path}:{number} has no '_id': each line needs "
+                             '{"_id": ..., "text": ...}')
+        if str(query_id) in texts:
+            raise QueryError(f"{queries_path}:{number} repeats query id {query_id!r}: "
+                             "query ids must be unique; remove the duplicate line")
+        if text:
+            texts[str(query_id)] = text
+    positives = _read_qrels(qrels_path)
+    known = passage_ids if isinstance(passage_ids, set | frozenset | dict) else set(passage_ids)
+    unknown = sorted({doc for query_id, docs in positives.items() if query_id in texts
+                      for doc in docs if doc not in known})
+    if unknown:
+        shown = ", ".join(repr(d) for d in unknown[:5])
+        raise QueryError(
+            f"{qrels_path} names {len(unknown)} documents that are not in the corpus ({shown}): "
+            "the qrels belong to another corpus; load the corpus.jsonl of the same BEIR data set "
+            "(a chunked document folder has ids like 'file.txt#0' that BEIR qrels cannot name)"
+        )
+    queries = [Query(query_id, text, positives[query_id])
+               for query_id, text in texts.items() if positives.get(query_id)]
+    without = [query_id for query_id in texts if not positives.get(query_id)]
+    if not queries:
+        raise QueryError(
+            f"none of the {len(texts)} queries in {queries_path} has a positive (score > 0) in "
+            f"{qrels_path}: pass the qrels file of the same split as the queries"
+        )
+    if without:
+        logger.warning("dropping %d of %d queries that have no positive in %s (e.g. %s)",
+                       len(without), len(texts), qrels_path, ", ".join(without[:5]))
+    return queries
+
+
+def _read_qrels(path: Path) -> dict[str, list[str]]:
+    """query id -> positive document ids, from BEIR (3 columns) or TREC (4 columns) qrels."""
+    positives: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QueryError(f"cannot read the qrels file {str(path)!r} ({exc}): check the path and "
+                         "that it is UTF-8 text") from exc
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("\t") if "\t" in line else line.split()
+        if not line.strip():
+            continue
+        if len(fields) not in (3, 4):
+            raise QueryError(
+                f"{path}:{number} has {len(fields)} fields: qrels lines are 'query-id corpus-id "
+                "score' (BEIR, tab separated) or 'query-id 0 doc-id score' (TREC)"
+            )
+        query_id, doc_id, score = fields[0], fields[-2], fields[-1]
+        try:
+            value = float(score)
+        except ValueError:
+            if number == 1:  # the BEIR header
+                continue
+            raise QueryError(f"{path}:{number}: score {score!r} is not a number; fix that line"
+                             ) from None
+        if value > 0:
+            docs = positives.setdefault(query_id.strip(), [])
+            if doc_id.strip() not in docs:
+                docs.append(doc_id.strip())
+    return positives
+
+
+def split_queries(queries: Sequence[Query], dev_fraction: float, seed: int
+                  ) -> tuple[list[Query], list[Query]]:
+    """(train, dev), deterministic in the set of query ids and the seed, input order kept."""
+    if not 0 <= dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}: e.g. 0.2")
+    ids = sorted({query.id for query in queries})
+    random.Random(seed).shuffle(ids)
+    size = round(len(ids) * dev_fraction)
+    if dev_fraction > 0 and len(ids) >= 2:
+        size = min(max(size, 1), len(ids) - 1)
+    dev_ids = set(ids[:size])
+    return ([q for q in queries if q.id not in dev_ids], [q for q in queries if q.id in dev_ids])
+
+
+# ---------------------------------------------------------------------------- generated queries
+def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: int = 1,
+                     cache_dir: Path | None = None, max_passages: int | None = None,
+                     seed: int = 0, show_progress: bool = True, max_new_tokens: int = 32,
+                     max_passage_tokens: int = 200, batch_size: int | None = None) -> list[Query]:
+    """Queries written by the teacher LLM, one (or ``per_passage``) per passage.
+
+    A few-shot "Passage: ... Question: ..." prompt (base models continue patterns; they do not
+    follow instructions). The first query of a passage is greedy, further ones are sampled
+    (seeded). Outputs are cleaned (first line, stripped, non-empty, de-duplicated: a text
+    generated for several passages becomes one query with all of them as positives).
+    With ``cache_dir``, results go to a JSONL file there (readable; rewritten atomically after
+    every batch): a rerun regenerates only the passages not yet done.
+    """
+    if per_passage < 1:
+        raise ValueError(f"per_passage must be at least 1, got {per_passage}")
+    chosen = list(passages)
+    if max_passages is not None and max_passages < len(chosen):
+        picked = sorted(random.Random(seed).sample(range(len(chosen)), max_passages))
+        chosen = [chosen[i] for i in picked]
+    prefix = generation_prefix()
+    cache_file = None
+    done: dict[str, dict[str, Any]] = {}
+    if cache_dir is not None:
+        key = content_key(teacher.fingerprint, GENERATION_VERSION, prefix, per_passage, seed,
+                          max_new_tokens, max_passage_tokens)
+        cache_file = Path(cache_dir) / "generated-queries" / f"{key[:24]}.jsonl"
+        done = _read_generated(cache_file)
+    todo = [p for p in chosen if done.get(p.id, {}).get("passage_sha256") != _sha(p.text)]
+    size = batch_size or teacher.batch_size
+    batches = range(0, len(todo), size)
+    if show_progress and todo:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="generating queries", unit="batch")
+    for start in batches:
+        batch = todo[start:start + size]
+        prompts = [prefix + GENERATION_PASSAGE_PREFIX
+                   + teacher.truncate(p.text, max_passage_tokens).replace("\n", " ")
+                   + GENERATION_QUERY_PREFIX for p in batch]
+        raw: list[list[str]] = [[] for _ in batch]
+        for k in range(per_passage):
+            outputs = teacher.generate(prompts, max_new_tokens=max_new_tokens, do_sample=k > 0,
+                                       seed=seed + 1000 * k + start)
+            for row, output in enumerate(outputs):
+                raw[row].append(output)
+        for passage, outputs in zip(batch, raw, strict=True):
+            done[passage.id] = {"passage_id": passage.id, "passage_sha256": _sha(passage.text),
+                                "queries": _dedupe([clean_generated_query(o) for o in outputs]),
+                                "raw": outputs}
+        if cache_file is not None:
+            _write_generated(cache_file, done)
+    return _assemble(chosen, done)
+
+
+def clean_generated_query(text: str) -> str:
+    """First line of a generation, without labels, quotes or stray spacing ("" if unusable)."""
+    line = text.strip().split("\n", 1)[0]
+    line = re.sub(r"^(question|query|q)\s*[:.)-]\s*", "", line.strip(), flags=re.IGNORECASE)
+    line = re.sub(r"\s+", " ", line).strip().strip("\"'`").strip()
+    if len(line) < 3 or not re.search(r"[^\W\d_]", line):
+        return ""
+    if line in {query for _, query in GENERATION_EXAMPLES}:  # the model copied an example
+        return ""
+    return line
+
+
+def _dedupe(texts: list[str]) -> list[str]:
+    seen: set[str] = set()
+    kept = []
+    for text in texts:
+        if text and text.lower() not in seen:
+            seen.add(text.lower())
+            kept.append(text)
+    return kept
+
+
+def _assemble(passages: list[Passage], done: dict[str, dict[str, Any]]) -> list[Query]:
+    by_text: dict[str, Query] = {}
+    empty = 0
+    for passage in passages:
+        texts = done.get(passage.id, {}).get("queries", [])
+        empty += not texts
+        for number, text in enumerate(texts):
+            query = by_text.get(text.lower())
+            if query is None:
+                by_text[text.lower()] = Query(f"gen:{passage.id}:{number}", text, [passage.id])
+            elif passage.id not in query.positives:
+                query.positives.append(passage.id)
+    if empty:
+        logger.warning("the teacher wrote no usable query for %d of %d passages", empty,
+                       len(passages))
+    return list(by_text.values())
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_generated(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        for _, record in _read_jsonl(path, QueryError):
+            if "passage_id" in record and isinstance(record.get("queries"), list):
+                done[str(record["passage_id"])] = record
+    except QueryError as exc:
+        logger.warning("ignoring the unreadable generated-query cache %s (%s)", path, exc)
+        return {}
+    return done
+
+
+def _write_generated(path: Path, done: dict[str, dict[str, Any]]) -> None:
+    import json
+
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                                    for record in done.values()))
+
+
+# ---------------------------------------------------------------------------- symmetric pairs
+def load_pairs(path: str | Path) -> list[SymmetricPair]:
+    """Sentence pairs from JSONL, TSV or CSV, with the score mapped to [0, 1].
+
+    Recognised: STS Benchmark files (tab separated, unquoted: genre, file, year, id, score,
+    sentence1, sentence2[, extra fields ignored]; score 0-5 divided by 5); NLI files (premise,
+    hypothesis, label; see ``NLI_LABEL_SCORES``); files with a header naming the columns
+    (sentence1/sentence2/score, premise/hypothesis/label, text_a/text_b, ...); and headerless
+    two-column (score unknown) or three-column (a, b, score) files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QueryError(f"the pair file {str(path)!r} does not exist: pass a .tsv, .csv or "
+                         ".jsonl file of sentence pairs")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = [(number, record) for number, record in _read_jsonl(path, QueryError)]
+        pairs = [_pair_from_record(record, path, number) for number, record in rows]
+    else:
+        pairs = _pairs_from_delimited(path)
+    pairs = [pair for pair in pairs if pair is not None]
+    if not pairs:
+        raise QueryError(f"{path} has no usable sentence pairs: check its format (see "
+                         "load_pairs' documentation)")
+    return _scale_scores(pairs, path)
+
+
+def _pair_from_record(record: dict, path: Path, number: int) -> SymmetricPair | None:
+    for first, second in _PAIR_COLUMNS:
+        if first in record and second in record:
+            score_key = next((k for k in _SCORE_COLUMNS if k in record), None)
+            return _make_pair(record[first], record[second],
+                              None if score_key is None else record[score_key],
+                              score_key, path, number)
+    raise QueryError(
+        f"{path}:{number} has fields {sorted(record)}: a pair needs sentence1/sentence2 "
+        "(+ score), premise/hypothesis (+ label) or text_a/text_b (+ score)"
+    )
+
+
+def _make_pair(text_a: Any, text_b: Any, raw_score: Any, score_name: str | None, path: Path,
+               number: int) -> SymmetricPair | None:
+    text_a, text_b = str(text_a or "").strip(), str(text_b or "").strip()
+    if not text_a or not text_b:
+        return None
+    if raw_score is None or str(raw_score).strip() == "":
+        return SymmetricPair(text_a, text_b, None)
+    label = str(raw_score).strip().lower()
+    # "0"/"1"/"2" are NLI class ids only in a label column; elsewhere they are STS scores.
+    is_nli = not _is_number(label) or (score_name in ("label", "gold_label")
+                                       and label in ("0", "1", "2", "-1"))
+    if is_nli:
+        if label in ("-", "-1"):  # no gold label
+            return None
+        if label not in NLI_LABEL_SCORES:
+            raise QueryError(f"{path}:{number}: unknown NLI label {raw_score!r}; use entailment/"
+                             "neutral/contradiction or 0/1/2")
+        return SymmetricPair(text_a, text_b, NLI_LABEL_SCORES[label])
+    try:
+        return SymmetricPair(text_a, text_b, float(label))
+    except ValueError:
+        raise QueryError(f"{path}:{number}: score {raw_score!r} is not a number; fix that line"
+                         ) from None
+
+
+def _pairs_from_delimited(path: Path) -> list[SymmetricPair | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QueryError(f"cannot read {str(path)!r} ({exc}): it must be UTF-8 text") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    first = lines[0].split("\t")
+    if len(first) >= 7 and _is_number(first[4]):  # STS Benchmark: unquoted, score in column 5
+        return [_make_pair(*_sts_fields(line, path, n), "score", path, n)
+                for n, line in enumerate(lines, start=1)]
+    delimiter = "\t" if "\t" in lines[0] else ","
+    rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter))
+    header = [cell.strip().lower() for cell in rows[0]]
+    for first_name, second_name in _PAIR_COLUMNS:
+        if first_name in header and second_name in header:
+            a, b = header.index(first_name), header.index(second_name)
+            s = next((header.index(k) for k in _SCORE_COLUMNS if k in header), None)
+            name = None if s is None else header[s]
+            return [_make_pair(row[a], row[b], None if s is None else row[s], name, path, n)
+                    for n, row in enumerate(rows[1:], start=2) if len(row) > max(a, b)]
+    if len(rows[0]) not in (2, 3):
+        raise QueryError(
+            f"{path}: rows have {len(rows[0])} columns and no header naming them: write a header "
+            "(sentence1, sentence2, score) or use two or three columns (a, b[, score])"
+        )
+    return [_make_pair(row[0], row[1], row[2] if len(row) > 2 else None, None, path, n)
+            for n, row in enumerate(rows, start=1) if len(row) >= 2]
+
+
+def _sts_fields(line: str, path: Path, number: int) -> tuple[str, str, str]:
+    fields = line.split("\t")
+    if len(fields) < 7:
+        raise QueryError(f"{path}:{number} has {len(fields)} fields, an STS Benchmark line has "
+                         "at least 7 (genre, file, year, id, score, sentence1, sentence2)")
+    return fields[5], fields[6], fields[4]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _scale_scores(pairs: list[SymmetricPair], path: Path) -> list[SymmetricPair]:
+    """Scores above 1 are read as STS 0-5 and divided by 5; anything else must be in [0, 1]."""
+    scores = [pair.score for pair in pairs if pair.score is not None]
+    if not scores:
+        return pairs
+    low, high = min(scores), max(scores)
+    if low < 0 or high > STS_MAX_SCORE:
+        raise QueryError(f"{path}: scores range from {low} to {high}; expected relevance in "
+                         "[0, 1] or STS similarity in [0, 5]: rescale them")
+    if high > 1:
+        for pair in pairs:
+            if pair.score is not None:
+                pair.score = pair.score / STS_MAX_SCORE
+    return pairs
