@@ -58,6 +58,18 @@ def test_scores_equal_the_students_direct_scores_matched_by_id(embed, indexed):
     assert [h.node.get_content() for h in ranked] == best
 
 
+def test_vectors_are_matched_by_id_whatever_order_qdrant_returns(embed, indexed, monkeypatch):
+    index, store = indexed
+    hits = first_stage(index)
+    rerank = D2LLMRerank(top_n=len(TEXTS), vector_store=store, embed_model=embed)
+    expected = {h.node.node_id: h.score for h in rerank.postprocess_nodes(hits, query_str=QUERY)}
+    original = store.client.retrieve
+    monkeypatch.setattr(store.client, "retrieve",  # a server does not promise request order
+                        lambda *args, **kwargs: original(*args, **kwargs)[::-1])
+    shuffled = rerank.postprocess_nodes(hits, query_str=QUERY)
+    assert {h.node.node_id: h.score for h in shuffled} == expected
+
+
 @pytest.mark.parametrize("layout", VECTOR_LAYOUTS)
 def test_named_unnamed_and_custom_vector_names(embed, layout):
     index, store = build_index(embed, store_with_layout(layout, embed.dimension))
