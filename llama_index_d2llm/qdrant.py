@@ -27,7 +27,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from llama_index_d2llm.student.errors import D2LLMError, StudentMismatchError
@@ -444,11 +444,11 @@ def check_student(vector_store: Any, student: Any, *, record: bool = True) -> Co
                                             with_payload=True,
                                             with_vectors=_with_vectors(info.vector_name))
     if not records:
-        return info
+        return replace(info, points=0)
     _compare_sample(store, info, student, records)
     if record:
         _write_record(store, student_record(student, "verified sample"))
-    return info
+    return replace(info, points=max(info.points or 0, len(records)))
 
 
 async def acheck_student(vector_store: Any, student: Any, *, record: bool = True
@@ -465,7 +465,7 @@ async def acheck_student(vector_store: Any, student: Any, *, record: bool = True
                                       with_payload=True,
                                       with_vectors=_with_vectors(info.vector_name))
     if not records:
-        return info
+        return replace(info, points=0)
     await asyncio.to_thread(_compare_sample, store, info, student, records)
     if record:
         try:
@@ -475,15 +475,16 @@ async def acheck_student(vector_store: Any, student: Any, *, record: bool = True
         except Exception as exc:
             logger.warning("could not record the D2LLM student on collection %r (%s)",
                            store.collection_name, exc)
-    return info
+    return replace(info, points=max(info.points or 0, len(records)))
 
 
 class StudentGuard:
     """Runs :func:`check_student` once per (collection, student) and remembers the answer.
 
-    Rescoring classes hold one, so that only their first query pays for the check. A
-    collection re-ingested by another student while a retriever lives is not noticed; build a
-    new retriever (or call ``reset()``) after re-ingesting.
+    Rescoring classes hold one, so that only their first query pays for the check. An empty
+    collection is checked again next time (documents may arrive later). A collection
+    re-ingested by another student while a retriever lives is not noticed; build a new
+    retriever (or call ``reset()``) after re-ingesting.
     """
 
     def __init__(self, vector_store: Any, feature: str):
@@ -498,12 +499,17 @@ class StudentGuard:
 
     def ensure(self, student: D2LLMStudent) -> CollectionInfo:
         key = self._key(student)
-        if key not in self._verified:
-            self._verified[key] = check_student(self.store, student)
-        return self._verified[key]
+        if key in self._verified:
+            return self._verified[key]
+        return self._remember(key, check_student(self.store, student))
 
     async def aensure(self, student: D2LLMStudent) -> CollectionInfo:
         key = self._key(student)
-        if key not in self._verified:
-            self._verified[key] = await acheck_student(self.store, student)
-        return self._verified[key]
+        if key in self._verified:
+            return self._verified[key]
+        return self._remember(key, await acheck_student(self.store, student))
+
+    def _remember(self, key: tuple[str, str], info: CollectionInfo) -> CollectionInfo:
+        if info.points != 0:  # nothing was checked in an empty collection
+            self._verified[key] = info
+        return info

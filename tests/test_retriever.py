@@ -216,8 +216,12 @@ def test_missing_and_empty_collections(embed):
         retriever.retrieve(QUERY)
     client.create_collection("docs", vectors_config=models.VectorParams(
         size=embed.dimension, distance=models.Distance.COSINE))
-    assert D2LLMRetriever(vector_store=qdrant_store(client), embed_model=embed).retrieve(
-        QUERY) == []
+    store = qdrant_store(client)
+    retriever = D2LLMRetriever(vector_store=store, embed_model=embed, top_n=3)
+    assert retriever.retrieve(QUERY) == []
+    build_index(embed, store)  # documents arrive later: the same retriever checks them then
+    assert len(retriever.retrieve(QUERY)) == 3
+    assert describe_collection(store).record["fingerprint"] == embed.fingerprint
 
 
 def test_record_is_durable_in_an_on_disk_collection(embed, tmp_path, monkeypatch):
