@@ -203,6 +203,14 @@ def test_another_student_is_refused(embed, indexed, tiny_backbone):
     with pytest.raises(StudentMismatchError, match="cosine"):
         rerank.postprocess_nodes(first_stage(fresh_index), query_str=QUERY)
     assert describe_collection(fresh_store).record is None
+    with pytest.raises(StudentMismatchError, match="overwrite=True"):
+        record_student(store, other)  # an existing record is protected
+    record_student(fresh_store, other)  # an explicit record is trusted as given...
+    with pytest.raises(StudentMismatchError, match=other.fingerprint):
+        D2LLMRerank(vector_store=fresh_store, embed_model=embed).postprocess_nodes(
+            first_stage(fresh_index), query_str=QUERY)  # ...and then guards the collection
+    record_student(fresh_store, embed, overwrite=True)
+    assert describe_collection(fresh_store).record["fingerprint"] == embed.fingerprint
 
 
 def test_async_equals_sync(embed, indexed):
