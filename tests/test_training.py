@@ -1,0 +1,231 @@
+"""The distillation pipeline end to end on a tiny random backbone and a fake teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
+from llama_index_d2llm.trainer.corpus import CorpusError
+from llama_index_d2llm.trainer.dataset import Collator, sample_easy_negatives
+from llama_index_d2llm.trainer.distill import distill, prepare_data, resolve_config
+from llama_index_d2llm.trainer.losses import LossWeights
+from llama_index_d2llm.trainer.token_states import TokenStateCache
+from llama_index_d2llm.trainer.training import (
+    backbone_encoder,
+    evaluate_objective,
+    list_checkpoints,
+)
+
+from llama_index_d2llm import D2LLMStudent
+from tests.distill_fixtures import OverlapTeacher, write_beir
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory) -> Path:
+    return write_beir(tmp_path_factory.mktemp("beir"))
+
+
+def make_config(tmp_path: Path, beir: Path, backbone: str, name: str = "student",
+                **overrides) -> DistillConfig:
+    settings = dict(
+        output=str(tmp_path / name), corpus=str(beir / "corpus.jsonl"),
+        queries=str(beir / "queries.jsonl"), qrels=str(beir / "qrels" / "train.tsv"),
+        student=backbone, pma_heads=4, iem_hidden_size=16, num_negatives=3,
+        num_easy_negatives=2, batch_size=4, epochs=2, dev_fraction=0.25, device="cpu",
+        dtype="float32", show_progress=False, frozen_backbone=True, max_passage_length=32,
+        max_query_length=16,
+    )
+    settings.update(overrides)
+    return DistillConfig(**settings)
+
+
+def test_distill_lowers_the_loss_and_writes_a_loadable_student(tmp_path, beir, tiny_backbone):
+    # no dev split: early stopping would restore the weights of the best of 3 dev queries
+    config = make_config(tmp_path, beir, tiny_backbone, lr=3e-3, epochs=8, dev_fraction=0.0)
+    data = prepare_data(resolve_config(config), teacher=OverlapTeacher())
+    assert len(data.examples) == 12 and not data.dev_items
+    initial = D2LLMStudent.from_backbone(tiny_backbone, lora=None, pma_heads=4,
+                                         iem_hidden_size=16, max_query_length=16,
+                                         max_passage_length=32, dtype="float32",
+                                         seed=config.seed)
+    before = evaluate_objective(initial, data.examples, data.texts, config.losses,
+                                encoder=backbone_encoder(initial))
+
+    output = distill(config, teacher=OverlapTeacher())
+
+    student = D2LLMStudent.from_pretrained(output, dtype="float32")
+    after = evaluate_objective(student, data.examples, data.texts, config.losses,
+                               encoder=backbone_encoder(student))
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert student.config.lora is None  # frozen backbone: heads only
+    saved = DistillConfig.from_json_file(output / DISTILL_CONFIG_NAME)
+    assert saved.frozen_backbone is True and saved.lr == 3e-3
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["training"]["steps"] == 8 * 3  # 12 examples in batches of 4
+    assert summary["fingerprint"] == student.fingerprint
+    assert student.encode(["the cat sat"], kind="query").shape == (1, 32)
+
+    from llama_index_d2llm import D2LLMEmbedding
+
+    embedding = D2LLMEmbedding(model_name=str(output), device="cpu")
+    assert len(embedding.get_query_embedding("cat mat")) == 32
+
+
+def test_resume_after_interrupt_reaches_the_same_weights(tmp_path, beir, tiny_backbone):
+    def config(name: str, **overrides) -> DistillConfig:
+        return make_config(tmp_path, beir, tiny_backbone, name=name, max_steps=6, epochs=5,
+                           checkpoint_every=100, lr=1e-3, **overrides)
+
+    straight = distill(config("straight"), teacher=OverlapTeacher())
+
+    def interrupt_at_step_4(step: int, logs: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    interrupted = config("interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        distill(interrupted, teacher=OverlapTeacher(), step_callback=interrupt_at_step_4)
+    assert not Path(interrupted.output).exists()  # no half-written student
+    checkpoints = list_checkpoints(interrupted.work_path / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step-00000004"]
+    files = {p.suffix for p in checkpoints[0].rglob("*") if p.is_file()}
+    assert files <= {".json", ".safetensors", ".md"}, files  # no pickle anywhere
+
+    interrupted.resume = True
+    resumed = distill(interrupted, teacher=OverlapTeacher())
+    summary = json.loads((resumed / "training_summary.json").read_text())["training"]
+    assert summary["steps"] == 6 and summary["resumed_from_step"] == 4
+    a = D2LLMStudent.from_pretrained(straight, dtype="float32")
+    b = D2LLMStudent.from_pretrained(resumed, dtype="float32")
+    for (name, x), (_, y) in zip(a.heads_module().state_dict().items(),
+                                 b.heads_module().state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path, beir, tiny_backbone):
+    config = make_config(tmp_path, beir, tiny_backbone, max_steps=2, checkpoint_every=1)
+    distill(config, teacher=OverlapTeacher())
+    changed = make_config(tmp_path, beir, tiny_backbone, max_steps=3, lr=5e-3, resume=True)
+    with pytest.raises(ConfigError, match="lr"):
+        distill(changed, teacher=OverlapTeacher())
+
+
+def test_same_seed_same_student_other_seed_other_student(tmp_path, beir, tiny_backbone):
+    def fingerprint(name: str, seed: int) -> str:
+        config = make_config(tmp_path, beir, tiny_backbone, name=name, seed=seed, max_steps=3)
+        return D2LLMStudent.from_pretrained(distill(config, teacher=OverlapTeacher()),
+                                            dtype="float32").fingerprint
+
+    first = fingerprint("a", 7)
+    assert fingerprint("b", 7) == first
+    assert fingerprint("c", 8) != first
+
+
+def test_lora_mode_trains_the_adapter_and_resumes(tmp_path, beir, tiny_backbone):
+    config = make_config(tmp_path, beir, tiny_backbone, frozen_backbone=False, max_steps=3,
+                         checkpoint_every=1, gradient_checkpointing=False, lr=1e-3)
+    output = distill(config, teacher=OverlapTeacher())
+    student = D2LLMStudent.from_pretrained(output, dtype="float32", trainable=True)
+    assert student.config.lora is not None
+    lora_b = [p for n, p in student.backbone.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero
+
+    longer = make_config(tmp_path, beir, tiny_backbone, frozen_backbone=False, max_steps=4,
+                         checkpoint_every=1, gradient_checkpointing=False, lr=1e-3,
+                         resume=True)
+    summary = json.loads((distill(longer, teacher=OverlapTeacher())
+                          / "training_summary.json").read_text())["training"]
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 4
+
+
+def test_symmetric_pairs_train_alongside_queries(tmp_path, beir, tiny_backbone):
+    pairs = tmp_path / "pairs.tsv"
+    rows = ["sentence1\tsentence2\tscore",
+            "the cat sat on the mat\ta cat on a mat\t5.0",
+            "a dog runs in the park\tthe dog in the park runs\t4.6",
+            "the sun and the moon\tthe moon and the sun\t4.8",
+            "water in the river\tthe river water\t4.5",
+            "the cat sat on the mat\tquantum physics\t0.2",
+            "music and history\tthe history of music\t4.9",
+            "gene and cancer\tcancer gene data\t4.2",
+            "climate of the city\tthe city climate\t4.4"]
+    pairs.write_text("\n".join(rows) + "\n")
+    config = make_config(tmp_path, beir, tiny_backbone, pairs=str(pairs), max_steps=4,
+                         num_negatives=2, dev_fraction=0.2)
+    data = prepare_data(resolve_config(config), teacher=OverlapTeacher())
+    tasks = {example.task for example in data.examples}
+    assert tasks == {"asymmetric", "symmetric"}
+    cat = next(e for e in data.examples if e.query == "the cat sat on the mat")
+    # the low-scored pair is this sentence's labelled hard negative, used first
+    assert data.texts[cat.candidate_ids[1]] == "quantum physics"
+    output = distill(config, teacher=OverlapTeacher())
+    assert D2LLMStudent.from_pretrained(output, dtype="float32").dimension == 32
+
+
+def test_collate_masks_other_positives_of_the_same_query(tmp_path, beir, tiny_backbone):
+    config = make_config(tmp_path, beir, tiny_backbone)
+    data = prepare_data(resolve_config(config), teacher=OverlapTeacher())
+    first = data.examples[0]
+    twin = type(first)(**{**first.__dict__, "candidate_ids": [data.examples[1].candidate_ids[0],
+                                                            *first.candidate_ids[1:]],
+                          "relevant_ids": frozenset({first.candidate_ids[0],
+                                                     data.examples[1].candidate_ids[0]})})
+    batch = Collator(data.texts)([twin, data.examples[1], data.examples[2]])
+    assert batch.false_negatives.tolist()[0] == [False, True, False]
+    assert not batch.false_negatives.diagonal().any()
+    easy = sample_easy_negatives(data.train_items, 2, seed=0)
+    for item in data.train_items:
+        assert not set(easy[item.id]) & set(item.positive_ids + item.hard_negative_ids)
+
+
+def test_token_state_cache_is_reused_and_keyed_by_backbone(tmp_path, tiny_backbone):
+    from tests.tiny_models import build_tiny_causal_lm
+
+    student = D2LLMStudent.from_backbone(tiny_backbone, lora=None, pma_heads=4,
+                                         iem_hidden_size=16, dtype="float32", seed=0)
+    cache = TokenStateCache(student, tmp_path / "states", show_progress=False)
+    texts = ["the cat sat on the mat", "water"]
+    assert cache.ensure(texts, "passage") == 2
+    states, mask = cache.batch(texts, "passage")
+    batch = student.tokenize(texts, "passage")
+    with torch.no_grad():
+        direct = student.pool(student.token_states(**batch), batch["attention_mask"])
+        cached = student.pool(states, mask)
+    torch.testing.assert_close(cached, direct, atol=2e-3, rtol=2e-3)  # fp16 storage
+    again = TokenStateCache(student, tmp_path / "states", show_progress=False)
+    assert again.ensure(texts, "passage") == 0 and len(again) == 2
+    assert again.ensure(texts, "query") == 2  # another instruction, another key
+    other_backbone = build_tiny_causal_lm(tmp_path / "other", seed=1)
+    other = D2LLMStudent.from_backbone(str(other_backbone), lora=None, pma_heads=4,
+                                       iem_hidden_size=16, dtype="float32", seed=0)
+    assert TokenStateCache(other, tmp_path / "states", show_progress=False).identity \
+        != cache.identity
+
+
+def test_bad_input_fails_before_the_teacher_is_used(tmp_path, beir, tiny_backbone):
+    teacher = OverlapTeacher()
+    with pytest.raises(CorpusError, match="too few to mine"):
+        distill(make_config(tmp_path, beir, tiny_backbone, num_negatives=30), teacher=teacher)
+    not_a_student = tmp_path / "mine"
+    not_a_student.mkdir()
+    (not_a_student / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a D2LLM student"):
+        distill(make_config(tmp_path, beir, tiny_backbone, name="mine"), teacher=teacher)
+    assert teacher.calls == 0
+    with pytest.raises(ConfigError, match="--queries and --qrels"):
+        make_config(tmp_path, beir, tiny_backbone, qrels=None)
+    with pytest.raises(ConfigError, match="--dev-fraction"):
+        make_config(tmp_path, beir, tiny_backbone, dev_fraction=1.5)
+    with pytest.raises(ConfigError, match="nothing to distil"):
+        DistillConfig(output="x")
+
+
+def test_distill_config_round_trips(tmp_path):
+    config = DistillConfig(corpus="docs", losses=LossWeights(vector=0.0), max_steps=5)
+    path = config.to_json_file(tmp_path / DISTILL_CONFIG_NAME)
+    assert DistillConfig.from_json_file(path) == config
+    with pytest.raises(ConfigError, match="unknown distillation settings"):
+        DistillConfig.from_dict({**config.to_dict(), "lerning_rate": 1})

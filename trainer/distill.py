@@ -1,0 +1,292 @@
+"""The distillation pipeline: corpus -> queries -> hard negatives -> teacher scores -> training
+-> a saved student.
+
+Every stage caches its result under the work directory (generated queries, negatives, teacher
+scores, frozen-backbone token states, training checkpoints), so a second run, or one resumed
+after an interruption, redoes nothing already done. Inputs are checked before the first long
+stage: a bad path or an unusable data set fails in seconds, not after an hour of scoring.
+The teacher is unloaded before the student is built, so both never share memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
+from llama_index_d2llm.trainer.corpus import CorpusError, Passage, load_corpus
+from llama_index_d2llm.trainer.dataset import (
+    RankingItem,
+    TrainingExample,
+    build_examples,
+    items_from_queries,
+    pair_items,
+    split_items,
+)
+from llama_index_d2llm.trainer.queries import (
+    Query,
+    SymmetricPair,
+    generate_queries,
+    load_pairs,
+    load_queries,
+    split_queries,
+)
+from llama_index_d2llm.trainer.training import (
+    STUDENT_DIR,
+    DistillationTrainer,
+    StepCallback,
+    TrainingResult,
+    latest_checkpoint,
+    make_accelerator,
+)
+
+from llama_index_d2llm.student import D2LLMStudent, LoraSettings
+from llama_index_d2llm.student.backbone import load_tokenizer, resolve_backbone, resolve_device
+from llama_index_d2llm.student.config import CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "training_summary.json"
+
+
+def resolve_config(config: DistillConfig) -> DistillConfig:
+    """A copy with the automatic choices made: frozen backbone on CPU, LoRA on a GPU."""
+    config = copy.deepcopy(config)
+    if config.frozen_backbone is None:
+        device = resolve_device(config.device)
+        config.frozen_backbone = device.type == "cpu"
+        logger.info("%s backbone on %s (pass --frozen-backbone/--no-frozen-backbone to choose)",
+                    "frozen" if config.frozen_backbone else "LoRA-tuned", device.type)
+    return config
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """The output may be new or a student written before; never another folder of the user's."""
+    output = Path(path).expanduser().resolve()
+    if output.exists() and (not output.is_dir() or (
+            any(output.iterdir()) and not (output / CONFIG_NAME).exists())):
+        raise ConfigError(f"--output {str(output)!r} exists and is not a D2LLM student; it would "
+                          "be replaced: choose a new directory")
+    return output
+
+
+@dataclass
+class PreparedData:
+    """Everything training needs, built by the data stages (all cached in the work dir)."""
+
+    examples: list[TrainingExample]
+    train_items: list[RankingItem]
+    dev_items: list[RankingItem]
+    texts: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_data(config: DistillConfig, *, teacher: Any = None,
+                 device: torch.device | None = None) -> PreparedData:
+    """Corpus -> queries -> hard negatives -> teacher-scored examples (``config`` resolved).
+
+    The teacher is loaded here unless given, and unloaded before returning.
+    """
+    work = config.work_path
+    work.mkdir(parents=True, exist_ok=True)
+    show = config.show_progress
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    passages, queries, pairs = _load_inputs(config)
+    timings["load_s"] = time.perf_counter() - start
+    owns_teacher = teacher is None
+    if teacher is None:
+        teacher = _load_teacher(config, device or resolve_device(config.device))
+    try:
+        if passages and queries is None:
+            start = time.perf_counter()
+            queries = generate_queries(passages, teacher, per_passage=config.queries_per_passage,
+                                       cache_dir=work / "queries",
+                                       max_passages=config.max_generated_passages,
+                                       seed=config.seed, show_progress=show)
+            timings["generate_queries_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        train_items, dev_items, passages = _ranking_items(config, passages, queries, pairs, show)
+        timings["mining_s"] = time.perf_counter() - start
+        texts = {p.id: p.text for p in passages}
+        start = time.perf_counter()
+        easy = config.num_easy_negatives if config.losses.needs_easy_negatives else 0
+        examples = build_examples(train_items, texts, teacher, num_easy_negatives=easy,
+                                  seed=config.seed,
+                                  with_features=config.losses.needs_teacher_features,
+                                  show_progress=show)
+        timings["teacher_s"] = time.perf_counter() - start
+    finally:
+        if owns_teacher:
+            del teacher
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return PreparedData(examples, train_items, dev_items, texts, timings)
+
+
+def distill(config: DistillConfig, *, teacher: Any = None,
+            step_callback: StepCallback | None = None) -> Path:
+    """Run the whole pipeline and return the directory of the distilled student.
+
+    ``teacher``: an already loaded teacher (anything with ``score`` and ``generate`` like
+    ``trainer.teacher.Teacher``) instead of loading ``config.teacher``. ``step_callback`` is
+    called with ``(step, logs)`` after every optimizer step.
+    """
+    config = resolve_config(config)
+    output = check_output(config.output)
+    accelerator = make_accelerator(config)
+    if not accelerator.is_local_main_process:
+        config.show_progress = False
+    data = prepare_data(config, teacher=teacher, device=accelerator.device)
+
+    checkpoint = latest_checkpoint(config) if config.resume else None
+    if config.resume and checkpoint is None:
+        logger.warning("--resume: no checkpoint under %s, starting from the beginning",
+                       config.work_path)
+    student = _build_student(config, accelerator.device, checkpoint)
+    token_cache = None
+    if config.frozen_backbone:
+        from llama_index_d2llm.trainer.token_states import TokenStateCache
+
+        token_cache = TokenStateCache(student, config.work_path / "token_states",
+                                      batch_size=config.encode_batch_size,
+                                      show_progress=config.show_progress)
+    trainer = DistillationTrainer(student, config, data.examples, data.texts,
+                                  dev_items=data.dev_items, token_cache=token_cache,
+                                  accelerator=accelerator, step_callback=step_callback)
+    start = time.perf_counter()
+    result = trainer.train(resume_from=checkpoint)
+    data.timings["training_s"] = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_distilled(student, config, result, output, timings=data.timings,
+                       data={"train_examples": len(data.examples),
+                             "train_queries": len(data.train_items),
+                             "dev_queries": len(data.dev_items), "texts": len(data.texts)})
+    accelerator.wait_for_everyone()
+    return output
+
+
+# ---------------------------------------------------------------------------- stages
+def _load_inputs(config: DistillConfig
+                 ) -> tuple[list[Passage], list[Query] | None, list[SymmetricPair]]:
+    """Read and check every input file (fast) before any model is loaded."""
+    passages: list[Passage] = []
+    queries = None
+    if config.corpus is not None:
+        tokenizer = load_tokenizer(resolve_backbone(config.student), config.trust_remote_code)
+        # room for the passage instruction and special tokens inside max_passage_length
+        reserved = len(tokenizer("Passage: ", add_special_tokens=True)["input_ids"]) + 1
+        passages = load_corpus(config.corpus,
+                               max_tokens=max(16, config.max_passage_length - reserved),
+                               tokenizer=tokenizer, show_progress=config.show_progress)
+        if len(passages) < config.num_negatives + 1:
+            raise CorpusError(
+                f"the corpus has {len(passages)} passages, too few to mine "
+                f"{config.num_negatives} hard negatives per query (at least "
+                f"{config.num_negatives + 1} are needed): add documents or lower "
+                f"--num-negatives to at most {max(len(passages) - 1, 0)}"
+            )
+        if config.queries is not None:
+            queries = load_queries(config.queries, config.qrels, {p.id for p in passages})
+    pairs = load_pairs(config.pairs) if config.pairs is not None else []
+    return passages, queries, pairs
+
+
+def _load_teacher(config: DistillConfig, device: torch.device) -> Any:
+    from llama_index_d2llm.trainer.teacher import Teacher
+
+    return Teacher.from_pretrained(config.teacher, mode=config.teacher_mode, device=device,
+                                   dtype=config.dtype, max_length=config.teacher_max_length,
+                                   batch_size=config.teacher_batch_size,
+                                   cache_dir=config.work_path / "teacher",
+                                   trust_remote_code=config.trust_remote_code)
+
+
+def _ranking_items(config: DistillConfig, passages: list[Passage], queries: list[Query] | None,
+                   pairs: list[SymmetricPair], show: bool
+                   ) -> tuple[list[RankingItem], list[RankingItem], list[Passage]]:
+    """Train and dev items of both tasks, and every passage they refer to."""
+    from llama_index_d2llm.trainer.mining import mine_hard_negatives
+
+    train: list[RankingItem] = []
+    dev: list[RankingItem] = []
+    if queries:
+        negatives = mine_hard_negatives(queries, passages, num_negatives=config.num_negatives,
+                                        cache_dir=config.work_path / "negatives",
+                                        show_progress=show)
+        train_queries, dev_queries = split_queries(queries, config.dev_fraction, config.seed)
+        ids = [p.id for p in passages]
+        train += items_from_queries(train_queries, negatives, ids,
+                                    num_negatives=config.num_negatives, seed=config.seed)
+        dev += items_from_queries(dev_queries, negatives, ids,
+                                  num_negatives=config.num_negatives, seed=config.seed)
+    if pairs:
+        sentences, items = pair_items(pairs, num_negatives=config.num_negatives,
+                                      min_score=config.pair_min_score, seed=config.seed,
+                                      cache_dir=config.work_path / "negatives",
+                                      show_progress=show)
+        pair_train, pair_dev = split_items(items, config.dev_fraction, config.seed)
+        train += pair_train
+        dev += pair_dev
+        passages = passages + sentences
+    return train, dev, passages
+
+
+def _build_student(config: DistillConfig, device: torch.device,
+                   checkpoint: Path | None) -> D2LLMStudent:
+    if checkpoint is not None:
+        student = D2LLMStudent.from_pretrained(checkpoint / STUDENT_DIR, device=device,
+                                               dtype=config.dtype, trainable=True,
+                                               trust_remote_code=config.trust_remote_code)
+    else:
+        lora = (None if config.frozen_backbone else
+                LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
+                             dropout=config.lora_dropout))
+        student = D2LLMStudent.from_backbone(
+            config.student, lora=lora, pma_heads=config.pma_heads,
+            iem_hidden_size=config.iem_hidden_size, max_query_length=config.max_query_length,
+            max_passage_length=config.max_passage_length, device=device, dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code, seed=config.seed,
+        )
+    if not config.frozen_backbone and config.gradient_checkpointing:
+        student.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    return student
+
+
+def save_distilled(student: D2LLMStudent, config: DistillConfig, result: TrainingResult,
+                   output: Path, *, timings: dict[str, float] | None = None,
+                   data: dict[str, Any] | None = None) -> Path:
+    """The student + ``distill_config.json`` + ``training_summary.json``, swapped in whole."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        written = student.save_pretrained(staging / "student")
+        config.to_json_file(written / DISTILL_CONFIG_NAME)
+        summary = {"training": result.__dict__, "timings": timings or {}, "data": data or {},
+                   "fingerprint": student.config.fingerprint}
+        (written / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        if output.exists():
+            backup = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, backup)
+            os.replace(written, output)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(written, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("distilled student written to %s", output)
+    return output
