@@ -176,6 +176,13 @@ def test_interrupted_scoring_resumes_from_written_chunks(tiny_backbone, tmp_path
     assert calls["n"] == 12  # only the two missing pairs ran
 
 
+def test_cache_is_also_written_by_time(tiny_backbone, tmp_path):
+    teacher = load(tiny_backbone, cache_dir=tmp_path, batch_size=1)
+    teacher.score(QUERIES, PASSAGES, cache_every=1000, cache_seconds=0)
+    assert len(list((tmp_path / "teacher-scores" / teacher.fingerprint).glob("*"))) == 4
+    assert len(teacher._cache) == 4
+
+
 def test_fingerprint_names_model_mode_and_prompt(tiny_backbone, tiny_gemma_backbone):
     base = load(tiny_backbone)
     assert load(tiny_backbone).fingerprint == base.fingerprint
