@@ -1,0 +1,52 @@
+"""``python -m examples.chatbot {ingest,terminal,web} --docs DIR --student DIR [...]``.
+
+``ingest`` only brings the Qdrant collection in step with the folder (no LLM is loaded);
+``terminal`` and ``web`` do the same, then chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from examples.chatbot import terminal, web
+from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
+from examples.chatbot.core import open_index
+
+COMMANDS = ("ingest", "terminal", "web")
+
+
+def ingest(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.chatbot ingest",
+                                     description="Index a folder into Qdrant with D2LLM.")
+    add_chatbot_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        index, report = open_index(options_from_args(args))
+        try:
+            print(f"{index.location.describe()}: {report.summary()}")
+            for relative, why in report.skipped:
+                print(f"  skipped {relative}: {why}")
+        finally:
+            index.client.close()
+        return 0
+
+    return run_safely(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m examples.chatbot {{{','.join(COMMANDS)}}} --docs DIR "
+              "--student DIR [options]  (add --help after a command for its options)",
+              file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "ingest":
+        return ingest(rest)
+    return terminal.main(rest) if command == "terminal" else web.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The chatbot's LLM: a local Hugging Face causal LM by default, any LlamaIndex LLM by flag.
+
+``TransformersLLM`` is a small LlamaIndex ``CustomLLM`` over ``transformers`` so that the
+default chatbot runs offline on the CPU (the offline Gemma 3 270M: small, so its answers
+are rough; the point of the demo is the retrieval). ``llm_from_spec`` turns a ``--llm`` flag
+into an LLM and imports the optional integrations lazily, with a message naming the pip
+package when one is missing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.callbacks import llm_completion_callback
+from pydantic import Field, PrivateAttr
+
+LLM_SPEC_HELP = (
+    "hf (the offline default Gemma 3 270M), hf:PATH (a local Hugging Face causal LM), "
+    "ollama:MODEL (needs llama-index-llms-ollama and a running Ollama), "
+    "openai-like:URL[#MODEL] (an OpenAI-compatible server, needs "
+    "llama-index-llms-openai-like), or mock (echoes the prompt: tests the plumbing only)"
+)
+
+# A base (not instruction-tuned) model keeps writing the next turn of the transcript;
+# these markers end its answer there.
+DEFAULT_STOP = ("\nuser:", "\nUser:", "\nsystem:", "\nQuestion:", "\nassistant:")
+
+
+class LLMSpecError(ValueError):
+    """A ``--llm`` value that cannot be turned into an LLM; the message says how to fix it."""
+
+
+def transcript_prompt(messages: Sequence[ChatMessage]) -> str:
+    """Chat messages as a plain transcript, for models that have no chat template."""
+    lines = [f"{message.role.value}: {message.content or ''}".rstrip() for message in messages]
+    return "\n\n".join(lines) + "\n\nassistant:"
+
+
+class TransformersLLM(CustomLLM):
+    """A local causal LM through ``transformers.generate``, streamed token by token.
+
+    Greedy by default (``temperature=0``) so answers are reproducible. The prompt is cut
+    from the left when it would not fit, so the question at its end always survives.
+    """
+
+    model_path: str = Field(description="Directory (or cached hub id) of a causal LM.")
+    max_new_tokens: int = Field(default=256, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)
+    repetition_penalty: float = Field(default=1.15, gt=0.0)
+    # What LlamaIndex packs into one prompt (long prompts are slow on a CPU); a longer prompt
+    # is cut to the model's own limit from the left.
+    context_window: int = Field(default=4096, gt=0)
+    stop: tuple[str, ...] = Field(default=DEFAULT_STOP)
+    device: str | None = Field(default=None, description="None: CUDA when present, else CPU.")
+    dtype: str = Field(default="auto")
+    trust_remote_code: bool = Field(default=False)
+
+    _model: Any = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, model_path: str | Path | None = None, **kwargs: Any) -> None:
+        if model_path is None:
+            from llama_index_d2llm.student.backbone import default_backbone_path
+
+            model_path = default_backbone_path()
+        super().__init__(model_path=str(model_path), **kwargs)
+        self._load()
+        if "messages_to_prompt" not in kwargs:
+            self.messages_to_prompt = self._chat_template_prompt
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "TransformersLLM"
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from llama_index_d2llm.student.backbone import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, trust_remote_code=self.trust_remote_code)
+            self._model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=dtype, trust_remote_code=self.trust_remote_code)
+        except OSError as exc:
+            raise LLMSpecError(
+                f"could not load a causal LM from {self.model_path!r} ({exc}); pass "
+                "--llm hf:DIR with a local Hugging Face model directory, or --llm hf for the "
+                "offline default"
+            ) from exc
+        self._model.to(device).eval()
+
+    @property
+    def input_limit(self) -> int:
+        """Tokens the model can take: ``context_window`` or its positions, the smaller."""
+        positions = getattr(self._model.config, "max_position_embeddings", None)
+        return min(self.context_window, int(positions or self.context_window))
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           is_chat_model=False, model_name=self.model_path,
+                           system_role=MessageRole.SYSTEM)
+
+    def _chat_template_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The model's own chat template when it has one, else a plain transcript."""
+        if getattr(self._tokenizer, "chat_template", None):
+            turns = [{"role": m.role.value, "content": m.content or ""} for m in messages]
+            return self._tokenizer.apply_chat_template(turns, tokenize=False,
+                                                       add_generation_prompt=True)
+        return transcript_prompt(messages)
+
+    # ------------------------------------------------------------------ generation
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text = ""
+        for response in self._stream(prompt, formatted):
+            text = response.text
+        return CompletionResponse(text=text)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponseGen:
+        return self._stream(prompt, formatted)
+
+    def _stream(self, prompt: str, formatted: bool) -> CompletionResponseGen:
+        """Generate in a thread; yield text as it comes; stop at a stop marker or on close."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        tokenizer, model = self._tokenizer, self._model
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+        budget = max(1, self.input_limit - self.max_new_tokens)
+        if ids.shape[1] > budget:  # keep the end: it holds the question
+            ids = ids[:, -budget:]
+        ids = ids.to(model.device)
+        halt = threading.Event()
+
+        class _Halt(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return halt.is_set()
+
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = ({"do_sample": True, "temperature": self.temperature}
+                    if self.temperature > 0 else {"do_sample": False})
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids),
+                        max_new_tokens=self.max_new_tokens,
+                        repetition_penalty=self.repetition_penalty, pad_token_id=pad_id,
+                        stopping_criteria=StoppingCriteriaList([_Halt()]), streamer=streamer,
+                        **sampling)
+            except BaseException as exc:  # surfaced in the consumer's thread below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, name="llm-generate", daemon=True)
+        worker.start()
+        text = ""
+        finished = False
+        try:
+            for delta in streamer:
+                text, delta, stopped = _cut_at_stop(text, delta, self.stop)
+                if delta:
+                    yield CompletionResponse(text=text, delta=delta)
+                if stopped:
+                    break
+            else:
+                finished = True
+        finally:
+            halt.set()
+            if not finished:  # stopped early: drain so the worker's last put never blocks
+                for _ in streamer:
+                    pass
+            worker.join()
+        if failure:
+            raise failure[0]
+
+
+def _cut_at_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Append ``delta``; if a stop marker now appears, cut before it. Returns the new delta."""
+    combined = text + delta
+    cut = min((i for i in (combined.find(s) for s in stops) if i >= 0), default=-1)
+    if cut < 0:
+        return combined, delta, False
+    kept = combined[:cut]
+    return kept, kept[len(text):], True
+
+
+def llm_from_spec(spec: str, *, max_new_tokens: int = 256) -> Any:
+    """``--llm`` value -> a LlamaIndex LLM. See ``LLM_SPEC_HELP`` for the forms."""
+    kind, _, target = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "hf":
+        return TransformersLLM(target or None, max_new_tokens=max_new_tokens)
+    if kind == "mock":
+        from llama_index.core.llms import MockLLM
+
+        return MockLLM(max_tokens=max_new_tokens)
+    if kind == "ollama":
+        if not target:
+            raise LLMSpecError("--llm ollama needs a model name: --llm ollama:llama3.2")
+        module = _optional("llama_index.llms.ollama", "llama-index-llms-ollama")
+        return module.Ollama(model=target, request_timeout=300.0)
+    if kind == "openai-like":
+        url, _, model = target.partition("#")
+        if not url:
+            raise LLMSpecError("--llm openai-like needs a server URL: "
+                               "--llm openai-like:http://127.0.0.1:8080/v1#MODEL")
+        module = _optional("llama_index.llms.openai_like", "llama-index-llms-openai-like")
+        return module.OpenAILike(api_base=url, model=model or "default", api_key="unused",
+                                 is_chat_model=True, max_tokens=max_new_tokens)
+    raise LLMSpecError(f"unknown --llm {spec!r}: use {LLM_SPEC_HELP}")
+
+
+def _optional(module_name: str, package: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LLMSpecError(
+            f"this --llm needs the {package} package, which is not installed: "
+            f"pip install {package}"
+        ) from exc

@@ -1,0 +1,104 @@
+"""Terminal chat over your documents (D2LLM retrieval from Qdrant, a streamed answer).
+
+    python -m examples.chatbot.terminal --docs DIR --student DIR
+
+Type a question; the answer streams; the passages D2LLM ranked come after it with their IEM
+score and Qdrant's cosine (and its rank by cosine, so the reranking is visible). Follow-up
+questions are condensed with the conversation. Commands: /reset, /sources, /quit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
+from examples.chatbot.core import Chatbot, ChatbotError, Source, build_chatbot
+
+HELP = "commands: /reset (new conversation), /sources (show or hide sources), /quit"
+
+
+def format_sources(sources: list[Source], width: int = 100) -> str:
+    """One line per passage: D2LLM rank, IEM score, cosine and cosine rank, file, snippet."""
+    if not sources:
+        return "  (no sources)"
+    lines = []
+    for s in sources:
+        cosine = "   n/a" if s.retrieval_score is None else f"{s.retrieval_score:6.3f}"
+        first = "-" if s.first_stage_rank is None else str(s.first_stage_rank)
+        head = f"  [{s.rank}] IEM {s.score:7.3f}  cosine {cosine} (#{first})  {s.source}"
+        lines.append(head)
+        lines.append(f"      {s.snippet(width - 6)}")
+    return "\n".join(lines)
+
+
+def chat_loop(chatbot: Chatbot, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+              show_sources: bool = True, prompt: str = "you> ") -> int:
+    """Read questions until /quit or end of input; return how many were answered."""
+    conversation = chatbot.new_conversation()
+    answered = 0
+    print(HELP, file=stdout)
+    while True:
+        stdout.write(prompt)
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input (Ctrl-D)
+            stdout.write("\n")
+            return answered
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/quit", "/exit"):
+            return answered
+        if question == "/reset":
+            conversation.reset()
+            print("(new conversation)", file=stdout)
+            continue
+        if question == "/sources":
+            show_sources = not show_sources
+            print(f"(sources {'shown' if show_sources else 'hidden'})", file=stdout)
+            continue
+        try:
+            reply = conversation.ask(question)
+        except ChatbotError as exc:
+            print(f"error: {exc}", file=stdout)
+            continue
+        stdout.write("bot> ")
+        try:
+            for token in reply:
+                stdout.write(token)
+                stdout.flush()
+        except KeyboardInterrupt:
+            stdout.write(" [stopped]")
+        stdout.write("\n")
+        if show_sources:
+            print("sources (ranked by D2LLM):", file=stdout)
+            print(format_sources(reply.sources), file=stdout)
+        answered += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.chatbot.terminal",
+                                     description=__doc__.split("\n\n")[0])
+    add_chatbot_arguments(parser)
+    parser.add_argument("--no-sources", action="store_true", help="do not print the sources")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        chatbot, report = build_chatbot(options_from_args(args))
+        try:
+            print(f"{chatbot.documents.location.describe()}: {report.summary()}")
+            for relative, why in report.skipped:
+                print(f"  skipped {relative}: {why}")
+            print(f"student: {chatbot.documents.embed.student.name}")
+            chat_loop(chatbot, show_sources=not args.no_sources)
+        finally:
+            chatbot.documents.client.close()
+        return 0
+
+    return run_safely(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

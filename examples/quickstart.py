@@ -1,0 +1,180 @@
+"""The main job, end to end and offline: distil, index into Qdrant, ask.
+
+    python examples/quickstart.py
+
+1. distils a D2LLM student on the sample corpus (Python standard-library docs) with the
+   offline Gemma 3 270M as teacher and student backbone (``d2llm-rag distill``, small
+   settings: a few minutes on a 2-core CPU);
+2. indexes the corpus into an embedded Qdrant on disk with ``D2LLMEmbedding``;
+3. asks a few questions: for each, Qdrant's first-stage cosine ranking next to D2LLM's
+   (the IEM rescoring of the first stage's top-k), then an answer from the local LLM.
+
+Everything lands under ``--workdir`` (default ``runs/quickstart``); a second run reuses the
+student and the index. ``--quick`` is the smoke-test size (the test suite runs it with tiny
+models); ``--retrain`` distils again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.chatbot.cli import run_safely  # noqa: E402
+from examples.chatbot.core import (  # noqa: E402
+    Chatbot,
+    ChatbotError,
+    ChatbotOptions,
+    Source,
+    build_chatbot,
+)
+
+HERE = Path(__file__).resolve().parent
+SAMPLE_CORPUS = HERE / "sample_corpus" / "python_stdlib"
+QUESTIONS = (
+    "How do I parse a CSV file?",
+    "How can I run a shell command and capture its output?",
+    "How do I find all matches of a regular expression in a string?",
+)
+# d2llm-rag distill settings. "default": a few minutes on a 2-core CPU with Gemma 3 270M;
+# "quick": the smoke-test size.
+DISTILL_PRESETS = {
+    "default": ["--max-generated-passages", "64", "--num-negatives", "4",
+                "--num-easy-negatives", "2", "--batch-size", "8", "--max-steps", "60"],
+    "quick": ["--max-generated-passages", "12", "--num-negatives", "3",
+              "--num-easy-negatives", "1", "--batch-size", "4", "--max-steps", "3",
+              "--dev-fraction", "0"],
+}
+
+
+def distill_command(args: argparse.Namespace, student_dir: Path) -> list[str]:
+    """The ``d2llm-rag distill`` arguments this run uses (printed, so it can be rerun)."""
+    command = ["distill", "--corpus", str(args.corpus), "--output", str(student_dir),
+               *DISTILL_PRESETS["quick" if args.quick else "default"]]
+    if args.teacher:
+        command += ["--teacher", args.teacher]
+    if args.backbone:
+        command += ["--student", args.backbone]
+    return command + shlex.split(args.distill_args or "")
+
+
+def ensure_student(args: argparse.Namespace) -> Path:
+    """Reuse the student in the work dir, or distil one (step 1)."""
+    student_dir = (args.workdir / "student").resolve()
+    if (student_dir / "d2llm_config.json").exists() and not args.retrain:
+        print(f"[1/3] reusing the student in {student_dir} (--retrain distils again)")
+        return student_dir
+    from llama_index_d2llm.trainer.cli import main as d2llm_rag
+
+    command = distill_command(args, student_dir)
+    print("[1/3] distilling a student:  d2llm-rag " + shlex.join(command), flush=True)
+    start = time.perf_counter()
+    status = d2llm_rag(command)
+    if status != 0:
+        raise ChatbotError(f"distillation failed (exit status {status}, message above)")
+    print(f"      done in {time.perf_counter() - start:.0f} s")
+    return student_dir
+
+
+def compare_rankings(chatbot: Chatbot, question: str, width: int = 38) -> str:
+    """First-stage cosine top-n next to D2LLM's top-n, each D2LLM hit with its cosine rank."""
+    candidates = chatbot.first_stage(question, chatbot.similarity_top_k)
+    cosine_rank = {s.node_id: s.rank for s in candidates}
+    d2llm = chatbot.search(question)
+
+    def cell(source: Source | None, detail: str) -> str:
+        if source is None:
+            return " " * width
+        name = textwrap.shorten(f"{source.source} {source.snippet(60)}", width - len(detail) - 1,
+                                placeholder="…")
+        return f"{name} {detail}".ljust(width)
+
+    lines = [f"  {'#':>2}  {'first stage: Qdrant cosine':<{width}}  D2LLM: IEM rescoring of the "
+             f"top {chatbot.similarity_top_k}"]
+    for i in range(chatbot.top_n):
+        first = candidates[i] if i < len(candidates) else None
+        mine = d2llm[i] if i < len(d2llm) else None
+        left = cell(first, f"{first.score:.3f}" if first else "")
+        was = cosine_rank.get(mine.node_id) if mine else None
+        right = cell(mine, f"{mine.score:+.2f} (cos #{was or '>' + str(len(candidates))})"
+                     if mine else "")
+        lines.append(f"  {i + 1:>2}  {left}  {right}")
+    return "\n".join(lines)
+
+
+def ask_all(chatbot: Chatbot, questions: list[str], out=sys.stdout) -> list[str]:
+    """Step 3: for each question, the two rankings and a streamed answer; returns answers."""
+    answers = []
+    for question in questions:
+        print(f"\nQ: {question}", file=out)
+        print(compare_rankings(chatbot, question), file=out)
+        reply = chatbot.new_conversation().ask(question)
+        out.write("A: ")
+        for token in reply:
+            out.write(token)
+            out.flush()
+        out.write("\n")
+        answers.append(reply.text)
+    return answers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-test size: tiny distillation, one question, short answer")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS,
+                        help="folder of documents (default: the sample corpus)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher LLM (default: the offline Gemma 3 270M)")
+    parser.add_argument("--backbone", default=None,
+                        help="student backbone LLM (default: the offline Gemma 3 270M)")
+    parser.add_argument("--distill-args", default="",
+                        help='more d2llm-rag distill options, e.g. "--pma-heads 4"')
+    parser.add_argument("--retrain", action="store_true", help="distil again even if a student "
+                        "exists in the work dir")
+    parser.add_argument("--llm", default="hf", help="answering LLM (see the chatbot's --llm)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-n", type=int, default=5)
+    parser.add_argument("--question", action="append", dest="questions",
+                        help="ask this instead of the built-in questions (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def run() -> int:
+        student_dir = ensure_student(args)
+        print(f"[2/3] indexing {args.corpus} into the embedded Qdrant in {args.workdir}",
+              flush=True)
+        options = ChatbotOptions(
+            docs=args.corpus, student=student_dir, llm=args.llm, state_dir=args.workdir,
+            collection="quickstart", similarity_top_k=args.top_k, top_n=args.top_n,
+            max_new_tokens=args.max_new_tokens or (48 if args.quick else 160))
+        chatbot, report = build_chatbot(options)
+        try:
+            print(f"      {report.summary()}")
+            questions = args.questions or list(QUESTIONS[:1] if args.quick else QUESTIONS)
+            print(f"[3/3] asking {len(questions)} question(s) (LLM: {args.llm})")
+            ask_all(chatbot, questions)
+        finally:
+            chatbot.documents.client.close()
+        print("\nNext: chat with your own documents: python -m examples.chatbot terminal "
+              f"--docs DIR --student {student_dir}")
+        return 0
+
+    return run_safely(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
