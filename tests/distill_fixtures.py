@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import zlib
 from pathlib import Path
@@ -73,9 +72,16 @@ class OverlapTeacher:
         return SimpleNamespace(logits=logits, probs=torch.sigmoid(logits),
                                features=torch.stack(features))
 
+    batch_size = 8
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return text
+
     def generate(self, prompts, max_new_tokens=32, **kwargs):
-        return ["the cat sat" for _ in prompts]
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
+        """A "query" of the first two content words of the prompt's last passage."""
+        queries = []
+        for prompt in prompts:
+            passage = prompt.rsplit("Passage: ", 1)[-1].split("\nQuestion:", 1)[0]
+            words = [w for w in re.findall(r"\w+", passage.lower()) if w not in FILLER]
+            queries.append(" " + " ".join(words[:2]) + "\n")
+        return queries

@@ -135,8 +135,13 @@ def items_from_queries(queries: Sequence[Query], negatives: dict[str, list[str]]
     """
     items = []
     filled = 0
+    crowded = []
+    known = set(passage_ids)
     for query in queries:
         positives = list(dict.fromkeys(query.positives))
+        if len(known - set(positives)) < num_negatives:
+            crowded.append(query.id)  # e.g. a generated query shared by most passages
+            continue
         hard = [pid for pid in negatives.get(query.id, []) if pid not in positives]
         hard = list(dict.fromkeys(hard))[:num_negatives]
         if len(hard) < num_negatives:
@@ -147,6 +152,15 @@ def items_from_queries(queries: Sequence[Query], negatives: dict[str, list[str]]
     if filled:
         logger.info("%d queries had fewer than %d BM25 negatives; filled with random passages",
                     filled, num_negatives)
+    if crowded:
+        logger.warning("dropped %d queries with too few non-positive passages for %d negatives "
+                       "(e.g. %s)", len(crowded), num_negatives, crowded[0])
+        if not items:
+            raise ValueError(
+                f"no query has {num_negatives} passages that are not its positives: lower "
+                "--num-negatives or add documents (generated queries may have collapsed into "
+                "one; check the teacher)"
+            )
     return items
 
 

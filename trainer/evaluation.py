@@ -77,6 +77,46 @@ def evaluate_run(qrels: Qrels, run: RunDict, metrics: Sequence[str] = DEFAULT_ME
     return result
 
 
+def read_run(path: str | Path) -> RunDict:
+    """A run file: JSON ``{query_id: {doc_id: score}}`` or TREC (``q Q0 doc rank score tag``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EvaluationError(f"cannot read the run file {str(path)!r} ({exc})") from exc
+    if text.lstrip().startswith("{"):
+        try:
+            run = json.loads(text)
+        except ValueError as exc:
+            raise EvaluationError(f"{path} is not valid JSON ({exc})") from None
+        if not all(isinstance(v, dict) for v in run.values()):
+            raise EvaluationError(f"{path}: a JSON run maps query ids to {{doc_id: score}}")
+        return {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}
+    run: RunDict = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 6:
+            raise EvaluationError(f"{path}:{number}: a TREC run line has 6 fields "
+                                  "(query Q0 doc rank score tag), this one has {len(fields)}")
+        run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+    return run
+
+
+def bm25_run(data: BeirData, top_k: int = 100, show_progress: bool = False) -> RunDict:
+    """BM25 (Okapi, the trainer's negative miner) over the corpus: the lexical baseline."""
+    from llama_index_d2llm.trainer.mining import BM25Index
+
+    index = BM25Index(data.corpus)
+    items = sorted(data.queries.items())
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="BM25", unit="query")
+    return {query_id: dict(index.search(text, top_k)) for query_id, text in items}
+
+
 # ---------------------------------------------------------------------------- BEIR data
 @dataclass
 class BeirData:
