@@ -5,6 +5,13 @@
 
 Unlike the released D2LLM code, scores are scaled by sqrt(head width) (standard attention),
 and the residual adds the seed that was attended with. Padding never receives weight.
+
+With a single query (the seed), multi-head attention can be computed without projecting every
+token to keys and values (``tokens x hidden^2`` work, which dominated a frozen-backbone
+training step): a head's scores are ``x_t . (W_k,h^T q_h)`` (the key bias only shifts all
+scores of a head equally, so it cancels in the softmax), and since the weights sum to one its
+output is ``W_v,h (sum_t a_t x_t) + b_v,h``. That is ``tokens x hidden x heads`` work, the same
+function as ``nn.MultiheadAttention`` with the same parameters (kept, so checkpoints load).
 """
 
 from __future__ import annotations
@@ -39,9 +46,30 @@ class PMAPooling(nn.Module):
         """
         batch = token_states.shape[0]
         seed = self.seed.to(token_states.dtype).expand(batch, -1, -1)
-        attended, _ = self.attention(
-            seed, token_states, token_states,
-            key_padding_mask=attention_mask == 0, need_weights=False,
-        )
+        if self.attention.dropout and self.training:  # the general path applies dropout
+            attended, _ = self.attention(
+                seed, token_states, token_states,
+                key_padding_mask=attention_mask == 0, need_weights=False,
+            )
+        else:
+            attended = self._attend_with_one_query(token_states, attention_mask)
         h = self.norm_attention(seed + attended)
         return self.norm_ffn(h + self.ffn(h)).squeeze(1)
+
+    def _attend_with_one_query(self, token_states: torch.Tensor,
+                               attention_mask: torch.Tensor) -> torch.Tensor:
+        """``nn.MultiheadAttention(seed, x, x)`` in O(tokens x hidden x heads), ``(B, 1, h)``."""
+        hidden, heads = self.hidden_size, self.num_heads
+        width = hidden // heads
+        w_q, w_k, w_v = self.attention.in_proj_weight.split(hidden)
+        b_q, _, b_v = self.attention.in_proj_bias.split(hidden)
+        query = (self.seed.reshape(1, hidden) @ w_q.T + b_q).reshape(heads, width)
+        # key directions per head: (hidden, heads), scaled as in scaled dot-product attention
+        directions = torch.einsum("hd,hde->eh", query, w_k.reshape(heads, width, hidden))
+        scores = token_states @ (directions * width**-0.5).to(token_states.dtype)  # (B, T, H)
+        scores = scores.masked_fill((attention_mask == 0)[..., None], float("-inf"))
+        weights = scores.softmax(dim=1)
+        pooled = torch.einsum("bth,bte->bhe", weights, token_states)  # (B, H, hidden)
+        values = torch.einsum("bhe,hde->bhd", pooled, w_v.reshape(heads, width, hidden))
+        values = values.reshape(-1, hidden) + b_v
+        return self.attention.out_proj(values).unsqueeze(1)
