@@ -17,6 +17,7 @@ import argparse
 import importlib
 import inspect
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -58,9 +59,11 @@ def public_members(module: object) -> list[tuple[str, object]]:
 
 def signature(name: str, obj: object) -> str:
     try:
-        return f"{name}{inspect.signature(obj)}"
+        text = f"{name}{inspect.signature(obj)}"
     except (TypeError, ValueError):
         return name
+    # Sentinel defaults print with their memory address: drop it so rebuilds are identical.
+    return re.sub(r" at 0x[0-9a-fA-F]+>", ">", text)
 
 
 def module_markdown(module_name: str, max_chars: int) -> str:

@@ -16,11 +16,22 @@ from examples.chatbot.core import open_index
 COMMANDS = ("ingest", "terminal", "web")
 
 
-def ingest(argv: list[str]) -> int:
+def build_ingest_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m examples.chatbot ingest",
                                      description="Index a folder into Qdrant with D2LLM.")
     add_chatbot_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parser_for(command: str) -> argparse.ArgumentParser:
+    """The argument parser of a subcommand (the tests check the READMEs against them)."""
+    if command == "ingest":
+        return build_ingest_parser()
+    return terminal.build_parser() if command == "terminal" else web.build_parser()
+
+
+def ingest(argv: list[str]) -> int:
+    args = build_ingest_parser().parse_args(argv)
 
     def run() -> int:
         index, report = open_index(options_from_args(args))

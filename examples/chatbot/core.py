@@ -286,20 +286,26 @@ class DocumentIndex:
     def __init__(self, client: QdrantClient, location: StoreLocation, embed: D2LLMEmbedding,
                  manifest_path: Path, *, chunk_tokens: int | None = None,
                  chunk_overlap: int = 32):
-        from llama_index.core import VectorStoreIndex
-        from llama_index.vector_stores.qdrant import QdrantVectorStore
-
         self.client = client
         self.location = location
         self.embed = embed
         self.manifest_path = Path(manifest_path)
-        self.store = QdrantVectorStore(client=client, collection_name=location.collection)
-        self.index: VectorStoreIndex = VectorStoreIndex.from_vector_store(self.store,
-                                                                          embed_model=embed)
+        self._open_collection()
         student = embed.student
         reserved = len(student.tokenize(["x"], "passage")["input_ids"][0])
         self.chunk_tokens = chunk_tokens or max(32, student.config.max_passage_length - reserved)
         self.chunk_overlap = min(chunk_overlap, self.chunk_tokens // 4)
+
+    def _open_collection(self) -> None:
+        # QdrantVectorStore remembers at construction whether the collection exists (it
+        # creates it on the first insert), so it is built again after a rebuild drops it.
+        from llama_index.core import VectorStoreIndex
+        from llama_index.vector_stores.qdrant import QdrantVectorStore
+
+        self.store = QdrantVectorStore(client=self.client,
+                                       collection_name=self.location.collection)
+        self.index: VectorStoreIndex = VectorStoreIndex.from_vector_store(
+            self.store, embed_model=self.embed)
 
     @property
     def fingerprint(self) -> str:
@@ -333,6 +339,7 @@ class DocumentIndex:
         if self.exists():
             self.client.delete_collection(self.location.collection)
         self.manifest_path.unlink(missing_ok=True)
+        self._open_collection()
 
     def _manifest(self) -> Manifest:
         manifest = Manifest.load(self.manifest_path)

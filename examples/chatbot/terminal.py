@@ -33,9 +33,11 @@ def format_sources(sources: list[Source], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def chat_loop(chatbot: Chatbot, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | None = None,
               show_sources: bool = True, prompt: str = "you> ") -> int:
     """Read questions until /quit or end of input; return how many were answered."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
     conversation = chatbot.new_conversation()
     answered = 0
     print(HELP, file=stdout)
@@ -78,12 +80,16 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO = sys.stdin, stdout: TextIO = sys.
         answered += 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m examples.chatbot.terminal",
                                      description=__doc__.split("\n\n")[0])
     add_chatbot_arguments(parser)
     parser.add_argument("--no-sources", action="store_true", help="do not print the sources")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def run() -> int:
         chatbot, report = build_chatbot(options_from_args(args))

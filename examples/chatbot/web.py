@@ -200,12 +200,16 @@ class ChatServer:
         self.httpd.server_close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m examples.chatbot.web",
                                      description=__doc__.split("\n\n")[0])
     add_chatbot_arguments(parser)
     parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def run() -> int:
         chatbot, report = build_chatbot(options_from_args(args))
