@@ -45,8 +45,8 @@ QUESTIONS = (
 # d2llm-rag distill settings. "default": a few minutes on a 2-core CPU with Gemma 3 270M;
 # "quick": the smoke-test size.
 DISTILL_PRESETS = {
-    "default": ["--max-generated-passages", "64", "--num-negatives", "4",
-                "--num-easy-negatives", "2", "--batch-size", "8", "--max-steps", "60"],
+    "default": ["--max-generated-passages", "24", "--num-negatives", "3",
+                "--num-easy-negatives", "1", "--batch-size", "8", "--max-steps", "40"],
     "quick": ["--max-generated-passages", "12", "--num-negatives", "3",
               "--num-easy-negatives", "1", "--batch-size", "4", "--max-steps", "3",
               "--dev-fraction", "0"],

@@ -1,0 +1,166 @@
+"""The web chat: its HTTP API, and the page in a real headless Chromium (Playwright).
+
+The browser test drives Debian's /usr/bin/chromium (never a downloaded browser). It is skipped
+only where Chromium is absent and ``CI`` is unset: CI installs Chromium, so there a missing
+browser fails loudly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from examples.chatbot.core import ChatbotOptions, build_chatbot
+from examples.chatbot.web import HOST, ChatServer
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "sample_corpus" / "python_stdlib"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _serve(tmp_path: Path, student: str, llm) -> ChatServer:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("csv.md", "re.md"):
+        shutil.copy(SAMPLE / name, docs / name)
+    options = ChatbotOptions(docs=docs, student=Path(student), state_dir=tmp_path / "state",
+                             similarity_top_k=10, top_n=3, show_progress=False)
+    chatbot, _ = build_chatbot(options, llm=llm)
+    server = ChatServer(chatbot, port=0)
+    server.serve_in_thread()
+    return server
+
+
+@pytest.fixture()
+def tiny_server(tmp_path, tiny_student_dir, tiny_backbone):
+    from examples.chatbot.llm import TransformersLLM
+
+    server = _serve(tmp_path, tiny_student_dir, TransformersLLM(tiny_backbone, max_new_tokens=5))
+    yield server
+    server.close()
+    server.service.chatbot.documents.client.close()
+
+
+def _request(server: ChatServer, method: str, path: str, body=None, headers=None):
+    connection = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    data = None if body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json"} if body is not None else {}
+    sent.update(headers or {})
+    connection.request(method, path, body=data, headers=sent)
+    response = connection.getresponse()
+    payload = response.read().decode()
+    connection.close()
+    return response, payload
+
+
+def _events(stream: str) -> list[tuple[str, object]]:
+    events = []
+    for block in stream.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_chat_api_streams_sources_tokens_and_keeps_the_conversation(tiny_server):
+    assert tiny_server.httpd.server_address[0] == "127.0.0.1"
+    response, page = _request(tiny_server, "GET", "/")
+    assert response.status == 200 and 'id="question"' in page
+
+    response, stream = _request(tiny_server, "POST", "/api/chat",
+                                {"conversation": "tab-1", "message": "How do I parse a CSV?"})
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = _events(stream)
+    assert events[0][0] == "sources" and len(events[0][1]) == 3
+    assert {"rank", "source", "score", "retrieval_score", "text"} <= set(events[0][1][0])
+    assert events[-1][0] == "done"
+    tokens = "".join(data for name, data in events if name == "token")
+    assert events[-1][1]["answer"] == tokens
+
+    _request(tiny_server, "POST", "/api/chat", {"conversation": "tab-1", "message": "more?"})
+    conversation = tiny_server.service.conversation("tab-1")
+    assert [m.content for m in conversation.history][::2] == ["How do I parse a CSV?", "more?"]
+
+    response, _ = _request(tiny_server, "POST", "/api/reset", {"conversation": "tab-1"})
+    assert response.status == 200
+    assert tiny_server.service.conversation("tab-1").history == []
+
+    _, stream = _request(tiny_server, "POST", "/api/chat", {"conversation": "t", "message": " "})
+    assert _events(stream) == [("error", "the question is empty: type a question")]
+    response, info = _request(tiny_server, "GET", "/api/info")
+    assert json.loads(info)["chunks"] > 0 and json.loads(info)["top_n"] == 3
+
+
+def test_chat_api_refuses_foreign_hosts_and_non_json(tiny_server):
+    response, _ = _request(tiny_server, "GET", "/", headers={"Host": "attacker.example:80"})
+    assert response.status == 403  # DNS rebinding: only loopback names are served
+    connection = http.client.HTTPConnection(HOST, tiny_server.port, timeout=30)
+    connection.request("POST", "/api/chat", body="message=hi",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert connection.getresponse().status == 415  # no cross-site form posts
+    connection.close()
+    response, _ = _request(tiny_server, "POST", "/api/chat", {"message": "no conversation id"})
+    assert response.status == 400
+
+
+def _sync_playwright():
+    """Playwright's entry point, or a skip off CI when the browser or package is missing."""
+    in_ci = bool(os.environ.get("CI"))
+    if not CHROMIUM.exists() and not in_ci:
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: .ci/run installs it (apt chromium)"
+    if not in_ci:
+        pytest.importorskip("playwright", reason="pip install playwright (the dev extra)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright
+
+
+def test_page_in_headless_chromium(tmp_path, tiny_student_dir):
+    """Type a question, see the streamed answer and its sources; follow up; reset."""
+    from llama_index.core.llms import MockLLM
+
+    sync_playwright = _sync_playwright()
+    server = _serve(tmp_path, tiny_student_dir, MockLLM(max_tokens=6))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                                 args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(server.url)
+                page.fill("#question", "How do I parse a CSV file?")
+                page.click("#send")
+                answer = page.locator(".turn.bot[data-done='1']").first
+                answer.wait_for(timeout=30_000)
+                assert answer.locator(".answer").inner_text().strip() == " ".join(["text"] * 6)
+                page.locator(".turn.bot .source").first.wait_for(timeout=10_000)
+                sources = answer.locator(".source")
+                assert sources.count() == 3
+                first = sources.first.inner_text()
+                assert first.split()[0] in ("csv.md", "re.md") and "IEM" in first
+                assert "cosine" in first
+                assert page.locator(".turn.user").inner_text() == "How do I parse a CSV file?"
+
+                page.fill("#question", "And how do I write one?")
+                page.press("#question", "Enter")
+                page.locator(".turn.bot[data-done='1']").nth(1).wait_for(timeout=30_000)
+                assert page.locator(".turn.user").count() == 2
+                assert "passages" in page.inner_text("#info")
+
+                page.click("#reset")
+                page.wait_for_function("document.querySelectorAll('.turn').length === 1")
+                assert page.inner_text("#log").strip() == "New conversation."
+            finally:
+                browser.close()
+    finally:
+        server.close()
+        server.service.chatbot.documents.client.close()
