@@ -73,6 +73,8 @@ def ensure_student(args: argparse.Namespace) -> Path:
     from llama_index_d2llm.trainer.cli import main as d2llm_rag
 
     command = distill_command(args, student_dir)
+    if not args.retrain and student_dir.with_name(student_dir.name + ".work").exists():
+        command.append("--resume")  # an interrupted earlier run: continue its training
     print("[1/3] distilling a student:  d2llm-rag " + shlex.join(command), flush=True)
     start = time.perf_counter()
     status = d2llm_rag(command)
