@@ -56,6 +56,9 @@ class TransformersLLM(CustomLLM):
 
     model_path: str = Field(description="Directory (or cached hub id) of a causal LM.")
     max_new_tokens: int = Field(default=256, gt=0)
+    # LlamaIndex asks for non-streamed completions for short chores (condensing a follow-up
+    # into a standalone question); a small base model would ramble on for max_new_tokens.
+    max_complete_tokens: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     repetition_penalty: float = Field(default=1.15, gt=0.0)
     # What LlamaIndex packs into one prompt (long prompts are slow on a CPU); a longer prompt
@@ -128,16 +131,18 @@ class TransformersLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         text = ""
-        for response in self._stream(prompt, formatted):
+        limit = min(self.max_new_tokens, self.max_complete_tokens)
+        for response in self._stream(prompt, formatted, limit):
             text = response.text
-        return CompletionResponse(text=text)
+        return CompletionResponse(text=text.strip())
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False,
                         **kwargs: Any) -> CompletionResponseGen:
         return self._stream(prompt, formatted)
 
-    def _stream(self, prompt: str, formatted: bool) -> CompletionResponseGen:
+    def _stream(self, prompt: str, formatted: bool,
+                max_new_tokens: int | None = None) -> CompletionResponseGen:
         """Generate in a thread; yield text as it comes; stop at a stop marker or on close."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -146,7 +151,8 @@ class TransformersLLM(CustomLLM):
             prompt = self.completion_to_prompt(prompt)
         tokenizer, model = self._tokenizer, self._model
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
-        budget = max(1, self.input_limit - self.max_new_tokens)
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        budget = max(1, self.input_limit - max_new_tokens)
         if ids.shape[1] > budget:  # keep the end: it holds the question
             ids = ids[:, -budget:]
         ids = ids.to(model.device)
@@ -168,7 +174,7 @@ class TransformersLLM(CustomLLM):
                 with self._lock, torch.inference_mode():
                     model.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids),
-                        max_new_tokens=self.max_new_tokens,
+                        max_new_tokens=max_new_tokens,
                         repetition_penalty=self.repetition_penalty, pad_token_id=pad_id,
                         stopping_criteria=StoppingCriteriaList([_Halt()]), streamer=streamer,
                         **sampling)
