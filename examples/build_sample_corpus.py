@@ -102,13 +102,13 @@ def own_methods(cls: type) -> list[tuple[str, object]]:
     return methods
 
 
-def build(output: Path, max_chars: int) -> list[Path]:
+def build(output: Path, max_chars: int, modules: tuple[str, ...] = MODULES) -> list[Path]:
     """Write the corpus into a temporary folder, then swap it into place (never half-written)."""
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        for module_name in MODULES:
+        for module_name in modules:
             text = module_markdown(module_name, max_chars)
             (work / f"{module_name}.md").write_text(text, encoding="utf-8")
         license_file = Path(inspect.getfile(inspect)).parent / "LICENSE.txt"
