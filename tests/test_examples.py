@@ -180,6 +180,7 @@ def _wait_for_history(conversation, messages: int, timeout: float = 10.0) -> Non
 
 def test_changed_touched_removed_and_lost_manifest(docs, tiny_student_dir, tmp_path,
                                                     monkeypatch):
+    (docs / "NOTES").write_text("Plain notes without a suffix are read as text.\n")
     opts = options(docs, tiny_student_dir, tmp_path)
     index, first = open_index(opts)
     index.client.close()
@@ -189,17 +190,19 @@ def test_changed_touched_removed_and_lost_manifest(docs, tiny_student_dir, tmp_p
     (docs / "csv.md").write_text("# csv\n\nUse csv.reader(open(path)) to read rows.\n")
     os.utime(docs / "json.md", ns=(time.time_ns(), time.time_ns()))  # touched, same content
     (docs / "subprocess.md").unlink()
+    (docs / "NOTES").write_bytes(b"\0\1\2")  # unreadable now: its passages are kept
     index, second = open_index(opts)
     try:
         assert second.changed == ["csv.md"] and second.removed == ["subprocess.md"]
         assert second.unchanged == ["json.md"] and second.embedded_chunks == 1
+        assert "NOTES" in dict(second.skipped)
         manifest = core.Manifest.load(index.manifest_path)
-        assert set(manifest.files) == {"csv.md", "json.md"}
+        assert set(manifest.files) == {"csv.md", "json.md", "NOTES"}
         assert not csv_ids & set(manifest.files["csv.md"].node_ids)
         assert index.count() == manifest.chunks == second.total_chunks  # old points are gone
         sources = {p.payload["source"] for p in index.client.scroll(
             opts.collection, limit=1000, with_payload=True)[0]}
-        assert sources == {"csv.md", "json.md"}
+        assert sources == {"csv.md", "json.md", "NOTES"}
     finally:
         index.client.close()
 
@@ -209,6 +212,7 @@ def test_changed_touched_removed_and_lost_manifest(docs, tiny_student_dir, tmp_p
     index, third = open_index(opts)
     try:
         assert third.embedded_chunks == 0 and sorted(third.unchanged) == ["csv.md", "json.md"]
+        assert index.count() == second.total_chunks
     finally:
         index.client.close()
 

@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -373,8 +373,8 @@ class DocumentIndex:
                 break
         return manifest
 
-    def ingest(self, docs: Path, *, rebuild: bool = False, show_progress: bool = True,
-               on_progress: Callable[[str], None] | None = None) -> IngestReport:
+    def ingest(self, docs: Path, *, rebuild: bool = False, show_progress: bool = True
+               ) -> IngestReport:
         """Bring the collection in step with ``docs``: embed new and changed files only.
 
         Work is committed a batch of files at a time (new points first, then the old points
@@ -396,7 +396,8 @@ class DocumentIndex:
                 report.unchanged.append(relative)
             else:
                 todo.append((relative, path, stat.st_size, stat.st_mtime_ns))
-        report.removed = sorted(set(manifest.files) - set(usable))
+        # Gone from the folder; a file that is only unreadable now keeps its passages.
+        report.removed = sorted(set(manifest.files) - set(usable) - {r for r, _ in skipped})
         if report.removed:
             self._delete([i for r in report.removed for i in manifest.files.pop(r).node_ids])
             manifest.save(self.manifest_path)
@@ -427,8 +428,6 @@ class DocumentIndex:
             batch.append((relative, FileRecord(size, mtime_ns, sha, [n.node_id for n in nodes]),
                           nodes, known is not None))
             pending_chunks += len(nodes)
-            if on_progress:
-                on_progress(relative)
             if pending_chunks >= 64:
                 report.embedded_chunks += self._commit(batch, manifest, report)
                 batch, pending_chunks = [], 0
