@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-DEFAULT_STATE_DIR = Path("d2llm_chatbot_data")
+DEFAULT_STATE_DIR = Path("runs/chatbot")  # runs/ is git-ignored in this repository
 DEFAULT_COLLECTION = "documents"
 # Plain-text formats read as they are; the rest go through llama-index-readers-file.
 TEXT_SUFFIXES = frozenset({
