@@ -126,7 +126,7 @@ def test_same_seed_same_student_other_seed_other_student(tmp_path, beir, tiny_ba
 
 def test_lora_mode_trains_the_adapter_and_resumes(tmp_path, beir, tiny_backbone):
     config = make_config(tmp_path, beir, tiny_backbone, frozen_backbone=False, max_steps=3,
-                         checkpoint_every=1, gradient_checkpointing=False, lr=1e-3)
+                         checkpoint_every=1, gradient_checkpointing=True, lr=1e-3)
     output = distill(config, teacher=OverlapTeacher())
     student = D2LLMStudent.from_pretrained(output, dtype="float32", trainable=True)
     assert student.config.lora is not None

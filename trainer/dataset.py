@@ -81,10 +81,10 @@ class TrainingBatch:
     def __len__(self) -> int:
         return len(self.queries)
 
-    def to(self, device: torch.device | str) -> TrainingBatch:
+    def to(self, device: torch.device | str, **kwargs: Any) -> TrainingBatch:
         """Move the tensors (Accelerate calls this to place a batch)."""
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device)
+            return None if tensor is None else tensor.to(device, **kwargs)
 
         return TrainingBatch(self.queries, self.tasks, self.candidate_texts, self.easy_texts,
                              move(self.teacher_logits), move(self.teacher_probs),

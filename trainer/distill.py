@@ -148,7 +148,9 @@ def distill(config: DistillConfig, *, teacher: Any = None,
     accelerator = make_accelerator(config)
     if not accelerator.is_local_main_process:
         config.show_progress = False
-    data = prepare_data(config, teacher=teacher, device=accelerator.device)
+    # the main process scores and caches first; the others then read its caches
+    with accelerator.main_process_first():
+        data = prepare_data(config, teacher=teacher, device=accelerator.device)
 
     checkpoint = latest_checkpoint(config) if config.resume else None
     if config.resume and checkpoint is None:

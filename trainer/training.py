@@ -375,8 +375,7 @@ class DistillationTrainer:
                         state["epoch"] += 1
                         state["batch"] = 0
                     if evaluate:
-                        metrics = dev_metrics(self.student, self.encoder, self.dev_items,
-                                              self.texts, config.encode_batch_size)
+                        metrics = self._dev_metrics()
                         logs.update(metrics)
                         score = metrics[EARLY_STOPPING_METRIC]
                         if state["best_metric"] is None or score > state["best_metric"]:
@@ -428,6 +427,16 @@ class DistillationTrainer:
             resumed_from_step=state["resumed_from_step"], examples=len(self.examples),
             history=state["history"],
         )
+
+    def _dev_metrics(self) -> dict[str, float]:
+        """Dev metrics, the main process's for all: every process must stop at the same step."""
+        metrics = dev_metrics(self.student, self.encoder, self.dev_items, self.texts,
+                              self.config.encode_batch_size)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            metrics = broadcast_object_list([metrics], from_process=0)[0]
+        return metrics
 
     def _done(self, state: dict[str, Any], total_steps: int) -> bool:
         return state["step"] >= total_steps
