@@ -226,9 +226,9 @@ def _eval_parser(commands: Any) -> None:
     parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
     parser.add_argument("--pairs", type=Path, metavar="FILE",
                         help="sentence pairs with gold scores (STS/NLI) for Spearman correlation")
-    parser.add_argument("--run", type=Path, metavar="JSON",
-                        help="score this run file ({query_id: {doc_id: score}}) instead of a "
-                             "student, e.g. a baseline")
+    parser.add_argument("--run", type=Path, metavar="FILE",
+                        help="score a run file (JSON {query_id: {doc_id: score}} or TREC "
+                             "format), e.g. a baseline, with the same metrics")
     parser.add_argument("--bm25", action="store_true",
                         help="also evaluate a BM25 baseline on the same data")
     parser.add_argument("--top-k", type=int, default=100,
