@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from llama_index_d2llm.trainer import cli
-from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, DistillConfig
 
 from llama_index_d2llm import D2LLMStudent
+from llama_index_d2llm.trainer import cli
+from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, DistillConfig
 from tests.distill_fixtures import TOPICS, OverlapTeacher, write_beir
 
 TINY = ["--pma-heads", "4", "--iem-hidden-size", "16", "--num-negatives", "3",

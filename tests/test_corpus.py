@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage, load_corpus
 
 SENTENCES = " ".join(f"Sentence number {i} talks about the cell and the gene." for i in range(60))

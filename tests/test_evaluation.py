@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from llama_index_d2llm import D2LLMStudent
 from llama_index_d2llm.trainer.evaluation import (
     EvaluationError,
     bm25_run,
@@ -22,8 +24,6 @@ from llama_index_d2llm.trainer.evaluation import (
     spearman,
 )
 from llama_index_d2llm.trainer.queries import SymmetricPair
-
-from llama_index_d2llm import D2LLMStudent
 from tests.distill_fixtures import write_beir
 
 

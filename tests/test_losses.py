@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
+
+from llama_index_d2llm.student import InteractionEmulation
 from llama_index_d2llm.trainer.losses import (
     D2LLMDistillationLoss,
     LossWeights,
@@ -16,9 +19,6 @@ from llama_index_d2llm.trainer.losses import (
     rank_imitation_loss,
     vector_contrastive_loss,
 )
-from torch.nn import functional as F
-
-from llama_index_d2llm.student import InteractionEmulation
 
 
 def close(value: torch.Tensor, expected: float) -> None:

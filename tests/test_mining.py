@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from llama_index_d2llm.trainer import mining
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage
 from llama_index_d2llm.trainer.mining import BM25Index, bm25_tokenize, mine_hard_negatives

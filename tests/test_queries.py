@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from llama_index_d2llm.trainer.corpus import Passage
 from llama_index_d2llm.trainer.queries import (
     Query,

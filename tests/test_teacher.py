@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from llama_index_d2llm.trainer.teacher import Teacher, TeacherError
 
 QUERIES = ["the cat sat", "which gene in cancer cells", "a dog", "water energy of the sun"]

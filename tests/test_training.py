@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from llama_index_d2llm import D2LLMStudent
 from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
 from llama_index_d2llm.trainer.corpus import CorpusError
 from llama_index_d2llm.trainer.dataset import Collator, sample_easy_negatives
@@ -18,8 +20,6 @@ from llama_index_d2llm.trainer.training import (
     evaluate_objective,
     list_checkpoints,
 )
-
-from llama_index_d2llm import D2LLMStudent
 from tests.distill_fixtures import OverlapTeacher, write_beir
 
 

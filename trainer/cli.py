@@ -20,10 +20,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from llama_index_d2llm.student.errors import D2LLMError
 from llama_index_d2llm.trainer.config import ConfigError, DistillConfig
 from llama_index_d2llm.trainer.losses import LossWeights
-
-from llama_index_d2llm.student.errors import D2LLMError
 
 logger = logging.getLogger("llama_index_d2llm")
 

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from llama_index_d2llm.trainer.losses import LossWeights
-
 from llama_index_d2llm.student.errors import D2LLMError
+from llama_index_d2llm.trainer.losses import LossWeights
 
 DISTILL_CONFIG_NAME = "distill_config.json"
 TEACHER_MODES = ("auto", "yesno", "query-likelihood")

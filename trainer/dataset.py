@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from llama_index_d2llm.trainer.corpus import Passage
 from llama_index_d2llm.trainer.losses import cosine_matrix
 from llama_index_d2llm.trainer.queries import Query, SymmetricPair

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from llama_index_d2llm.student import D2LLMStudent, LoraSettings
+from llama_index_d2llm.student.backbone import load_tokenizer, resolve_backbone, resolve_device
+from llama_index_d2llm.student.config import CONFIG_NAME
 from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage, load_corpus
 from llama_index_d2llm.trainer.dataset import (
@@ -49,10 +53,6 @@ from llama_index_d2llm.trainer.training import (
     latest_checkpoint,
     make_accelerator,
 )
-
-from llama_index_d2llm.student import D2LLMStudent, LoraSettings
-from llama_index_d2llm.student.backbone import load_tokenizer, resolve_backbone, resolve_device
-from llama_index_d2llm.student.config import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 

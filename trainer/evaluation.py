@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from llama_index_d2llm.trainer.corpus import Passage, load_corpus
-from llama_index_d2llm.trainer.queries import SymmetricPair
 
 from llama_index_d2llm.student import D2LLMError, D2LLMStudent
+from llama_index_d2llm.trainer.corpus import Passage, load_corpus
+from llama_index_d2llm.trainer.queries import SymmetricPair
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from llama_index_d2llm.trainer.cache import atomic_write_json, content_key, read_json
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage
 from llama_index_d2llm.trainer.queries import Query

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llama_index_d2llm.student.errors import D2LLMError
 from llama_index_d2llm.trainer.cache import atomic_write_text, content_key
 from llama_index_d2llm.trainer.corpus import Passage, _read_jsonl
 from llama_index_d2llm.trainer.prompts import (
@@ -26,8 +27,6 @@ from llama_index_d2llm.trainer.prompts import (
     GENERATION_QUERY_PREFIX,
     generation_prefix,
 )
-
-from llama_index_d2llm.student.errors import D2LLMError
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index_d2llm.trainer.teacher import Teacher

@@ -32,13 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from llama_index_d2llm.trainer.cache import TensorRowCache, content_key
-from llama_index_d2llm.trainer.prompts import (
-    DEFAULT_PROMPT_ORDER,
-    PairTemplate,
-    query_likelihood_template,
-    yesno_template,
-)
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llama_index_d2llm.student.backbone import (
@@ -49,6 +42,13 @@ from llama_index_d2llm.student.backbone import (
     resolve_dtype,
 )
 from llama_index_d2llm.student.errors import D2LLMError
+from llama_index_d2llm.trainer.cache import TensorRowCache, content_key
+from llama_index_d2llm.trainer.prompts import (
+    DEFAULT_PROMPT_ORDER,
+    PairTemplate,
+    query_likelihood_template,
+    yesno_template,
+)
 
 logger = logging.getLogger(__name__)
 

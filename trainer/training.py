@@ -30,15 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from llama_index_d2llm.student import D2LLMStudent
+from llama_index_d2llm.student.errors import CheckpointError
 from llama_index_d2llm.trainer.config import ConfigError, DistillConfig
 from llama_index_d2llm.trainer.dataset import Collator, RankingItem, TrainingBatch, TrainingExample
 from llama_index_d2llm.trainer.evaluation import evaluate_run
 from llama_index_d2llm.trainer.losses import D2LLMDistillationLoss
 from llama_index_d2llm.trainer.token_states import TokenStateCache
-from torch import nn
-
-from llama_index_d2llm.student import D2LLMStudent
-from llama_index_d2llm.student.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from torch import nn
+
 from llama_index_d2llm.trainer.losses.contrastive_imitation import contrastive_imitation_loss
 from llama_index_d2llm.trainer.losses.feature_imitation import feature_imitation_loss
 from llama_index_d2llm.trainer.losses.in_batch import in_batch_loss
 from llama_index_d2llm.trainer.losses.pairwise_rank import pairwise_rank_loss
 from llama_index_d2llm.trainer.losses.rank_imitation import rank_imitation_loss
 from llama_index_d2llm.trainer.losses.vector_contrastive import vector_contrastive_loss
-from torch import nn
 
 
 @dataclass

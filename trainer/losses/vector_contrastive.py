@@ -19,8 +19,9 @@ in-batch positives are unweighted. In-batch columns that are relevant to the que
 from __future__ import annotations
 
 import torch
-from llama_index_d2llm.trainer.losses.in_batch import mask_false_negatives
 from torch.nn import functional as F
+
+from llama_index_d2llm.trainer.losses.in_batch import mask_false_negatives
 
 
 def vector_contrastive_loss(query_vectors: torch.Tensor, candidate_vectors: torch.Tensor,
