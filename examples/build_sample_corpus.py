@@ -126,7 +126,7 @@ def build(output: Path, max_chars: int, modules: tuple[str, ...] = MODULES) -> l
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--max-chars", type=int, default=12_000,
+    parser.add_argument("--max-chars", type=int, default=8_000,
                         help="cap per module file, so that the corpus stays small")
     args = parser.parse_args(argv)
     files = build(args.output, args.max_chars)

@@ -32,19 +32,32 @@ LLM_SPEC_HELP = (
     "llama-index-llms-openai-like), or mock (echoes the prompt: tests the plumbing only)"
 )
 
-# A base (not instruction-tuned) model keeps writing the next turn of the transcript;
+# A base (not instruction-tuned) model keeps writing the next turn of the document;
 # these markers end its answer there.
-DEFAULT_STOP = ("\nuser:", "\nUser:", "\nsystem:", "\nQuestion:", "\nassistant:")
+DEFAULT_STOP = ("\nQuestion:", "\nuser:", "\nUser:", "\nassistant:", "\n\n\n")
 
 
 class LLMSpecError(ValueError):
     """A ``--llm`` value that cannot be turned into an LLM; the message says how to fix it."""
 
 
-def transcript_prompt(messages: Sequence[ChatMessage]) -> str:
-    """Chat messages as a plain transcript, for models that have no chat template."""
-    lines = [f"{message.role.value}: {message.content or ''}".rstrip() for message in messages]
-    return "\n\n".join(lines) + "\n\nassistant:"
+def question_answer_prompt(messages: Sequence[ChatMessage]) -> str:
+    """Chat messages as a plain question-and-answer document, for models without a template.
+
+    A small base model continues a document: "Question: ...\nAnswer:" after the context is
+    a document it has seen often, and it answers; a "user:/assistant:" transcript it mostly
+    continues with another question.
+    """
+    parts = []
+    for message in messages:
+        text = (message.content or "").strip()
+        if message.role == MessageRole.SYSTEM:
+            parts.append(text)
+        elif message.role == MessageRole.USER:
+            parts.append(f"Question: {text}")
+        else:
+            parts.append(f"Answer: {text}")
+    return "\n\n".join(parts) + "\nAnswer:"
 
 
 class TransformersLLM(CustomLLM):
@@ -125,7 +138,7 @@ class TransformersLLM(CustomLLM):
             turns = [{"role": m.role.value, "content": m.content or ""} for m in messages]
             return self._tokenizer.apply_chat_template(turns, tokenize=False,
                                                        add_generation_prompt=True)
-        return transcript_prompt(messages)
+        return question_answer_prompt(messages)
 
     # ------------------------------------------------------------------ generation
     @llm_completion_callback()
