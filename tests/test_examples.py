@@ -405,3 +405,14 @@ def test_sample_corpus_is_small_licensed_and_reproducible(tmp_path):
     rebuilt = build(tmp_path / "python_stdlib", max_chars=8_000, modules=some)
     for new in rebuilt:
         assert new.read_text() == (SAMPLE / new.name).read_text(), new.name
+
+
+@pytest.mark.parametrize("command", [
+    ["examples/quickstart.py", "--help"],  # as the README runs it: a script, not a module
+    ["-m", "examples.chatbot", "web", "--help"],
+])
+def test_entry_points_start_from_the_repository_root(command):
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--" in result.stdout and "usage:" in result.stdout
