@@ -27,6 +27,7 @@ import torch
 from llama_index_d2llm.student import D2LLMStudent, LoraSettings
 from llama_index_d2llm.student.backbone import load_tokenizer, resolve_backbone, resolve_device
 from llama_index_d2llm.student.config import CONFIG_NAME
+from llama_index_d2llm.student.model import replace_directory
 from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage, load_corpus
 from llama_index_d2llm.trainer.dataset import (
@@ -281,13 +282,7 @@ def save_distilled(student: D2LLMStudent, config: DistillConfig, result: Trainin
         summary = {"training": result.__dict__, "timings": timings or {}, "data": data or {},
                    "fingerprint": student.config.fingerprint}
         (written / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str) + "\n")
-        if output.exists():
-            backup = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, backup)
-            os.replace(written, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(written, output)
+        replace_directory(written, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("distilled student written to %s", output)

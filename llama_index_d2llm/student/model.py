@@ -376,7 +376,7 @@ class D2LLMStudent(nn.Module):
             config.fingerprint = compute_fingerprint(config, _load_safetensors(
                 work / HEADS_NAME), adapter)
             config.to_json_file(work / CONFIG_NAME)
-            _replace_directory(work, directory)
+            replace_directory(work, directory)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if not merged:
@@ -419,7 +419,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _replace_directory(source: Path, target: Path) -> None:
+def replace_directory(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; an existing target is swapped out only after success."""
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
