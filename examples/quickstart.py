@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         options = ChatbotOptions(
             docs=args.corpus, student=student_dir, llm=args.llm, state_dir=args.workdir,
             collection="quickstart", similarity_top_k=args.top_k, top_n=args.top_n,
-            max_new_tokens=args.max_new_tokens or (48 if args.quick else 160))
+            max_new_tokens=args.max_new_tokens or (48 if args.quick else 96))
         chatbot, report = build_chatbot(options)
         try:
             print(f"      {report.summary()}")
