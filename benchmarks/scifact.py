@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_per_query": teacher["seconds"] / max(1, len(data.queries))}
         print("teacher", summary["teacher_rerank_bm25_top20"], flush=True)
 
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     variants = [("with_vector_loss", [])]
     if not args.no_ablation:
         variants.append(("without_vector_loss", ["--vector-loss-weight", "0"]))
@@ -150,7 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
             summary[f"student_{name}"]["training_summary"] = json.loads(training.read_text())
         print(name, json.dumps(result, indent=1)[:2000], flush=True)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
