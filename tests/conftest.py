@@ -29,10 +29,11 @@ def tiny_student_dir(tmp_path_factory, tiny_backbone) -> str:
 
 
 def _perturb_lora(student) -> None:
-    """LoRA B starts at zero; give it values so that the adapter really changes vectors."""
+    """LoRA B and the IEM's output layer start at zero; give them values that matter."""
     import torch
 
     with torch.no_grad():
+        student.iem.output.weight.normal_(0, 0.5)
         for name, param in student.backbone.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)

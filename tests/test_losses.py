@@ -114,6 +114,7 @@ def _batch(batch=3, negatives=2, easy=2, dim=8, seed=0):
 def test_total_is_the_weighted_sum_and_zero_weights_skip_terms():
     torch.manual_seed(0)
     iem = InteractionEmulation(8, 16)
+    torch.nn.init.normal_(iem.output.weight)  # a trained head, not the zero start
     inputs = _batch()
     weights = LossWeights(pairwise_rank=0.5, feature_imitation=0.25, vector=2.0)
     out = D2LLMDistillationLoss(weights)(iem, tasks=["asymmetric"] * 3, **inputs)
@@ -136,6 +137,7 @@ def test_total_is_the_weighted_sum_and_zero_weights_skip_terms():
 def test_mixed_tasks_use_their_own_iem_branch():
     torch.manual_seed(0)
     iem = InteractionEmulation(8, 16)
+    torch.nn.init.normal_(iem.output.weight)  # a trained head, not the zero start
     inputs = _batch()
     tasks = ["asymmetric", "symmetric", "asymmetric"]
     only_ci = LossWeights(in_batch=0, rank_imitation=0, pairwise_rank=0, feature_imitation=0,

@@ -61,7 +61,8 @@ def test_score_shapes_and_consistency(student):
     concat = torch.cat([q.expand(len(TEXTS), -1), p], dim=1) * student.iem.input_scale
     hidden = torch.relu(student.iem.f1(concat))
     branch = torch.relu(student.iem.f2["asymmetric"](hidden))
-    torch.testing.assert_close(student.iem.output(branch).squeeze(-1).detach(), one,
+    cosine = student.iem.log_cosine_scale.exp() * (p @ q[0])  # vectors are unit-normalised
+    torch.testing.assert_close((student.iem.output(branch).squeeze(-1) + cosine).detach(), one,
                                atol=1e-5, rtol=1e-5)
     assert not torch.allclose(student.score(q[0], p, task="symmetric"), one)
     with pytest.raises(ValueError, match="task must be"):
@@ -185,3 +186,44 @@ def test_gpu_asked_for_where_none_is(tiny_student_dir):
 def test_pma_heads_must_divide_hidden(tiny_backbone):
     with pytest.raises(ValueError, match="does not divide"):
         D2LLMStudent.from_backbone(tiny_backbone, pma_heads=5, lora=None, dtype="float32")
+
+
+def test_backbone_layers_keep_the_first_layers_and_round_trip(tmp_path, tiny_gemma_backbone):
+    from transformers import AutoModel
+
+    one = D2LLMStudent.from_backbone(tiny_gemma_backbone, backbone_layers=1, pma_heads=4,
+                                     iem_hidden_size=8, dtype="float32", seed=3)
+    assert len(one.backbone.base_model.model.layers) == 1
+    # the pooled states are the first layer's output (through the final norm)
+    full = AutoModel.from_pretrained(tiny_gemma_backbone, dtype=torch.float32)
+    batch = one.tokenize(TEXTS[:2])
+    with torch.no_grad():
+        hidden = full(**batch, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(one.backbone.base_model.model(**batch).last_hidden_state,
+                                   full.norm(hidden), atol=1e-5, rtol=1e-5)
+    before = one.encode(TEXTS)
+    for merged in (False, True):
+        out = one.save_pretrained(tmp_path / f"one-{merged}", merged=merged)
+        loaded = D2LLMStudent.from_pretrained(out, dtype="float32")
+        assert loaded.config.backbone_layers == 1
+        torch.testing.assert_close(loaded.encode(TEXTS), before, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="has 2 transformer layers"):
+        D2LLMStudent.from_backbone(tiny_gemma_backbone, backbone_layers=3, pma_heads=4,
+                                   dtype="float32")
+
+
+def test_untrained_iem_ranks_like_cosine_and_old_heads_still_load(tmp_path, tiny_backbone):
+    student = D2LLMStudent.from_backbone(tiny_backbone, pma_heads=4, iem_hidden_size=16,
+                                         dtype="float32", seed=0)
+    q, p = student.encode(["the cat"], "query")[0], student.encode(TEXTS)
+    torch.testing.assert_close(student.score(q, p), 20.0 * (p @ q), atol=1e-4, rtol=1e-4)
+    # a student saved before the cosine skip existed has no such field: bare MLP head
+    bare = D2LLMStudent.from_backbone(tiny_backbone, pma_heads=4, iem_hidden_size=16,
+                                      iem_cosine_skip=False, dtype="float32", seed=0)
+    out = bare.save_pretrained(tmp_path / "bare")
+    config = json.loads((out / "d2llm_config.json").read_text())
+    del config["iem_cosine_skip"]
+    (out / "d2llm_config.json").write_text(json.dumps(config))
+    loaded = D2LLMStudent.from_pretrained(out, dtype="float32")
+    assert not loaded.iem.cosine_skip
+    torch.testing.assert_close(loaded.score(q, p), bare.score(q, p))

@@ -229,3 +229,44 @@ def test_distill_config_round_trips(tmp_path):
     assert DistillConfig.from_json_file(path) == config
     with pytest.raises(ConfigError, match="unknown distillation settings"):
         DistillConfig.from_dict({**config.to_dict(), "lerning_rate": 1})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_layer_slices_compose_to_the_whole_backbone(tmp_path, arch):
+    from llama_index_d2llm.student.backbone import layer_slice
+    from tests.tiny_models import build_tiny_causal_lm
+
+    student = D2LLMStudent.from_backbone(str(build_tiny_causal_lm(tmp_path, arch=arch)),
+                                         lora=None, pma_heads=4, dtype="float32", seed=0)
+    batch = student.tokenize(["the cat sat on the mat", "water"], "passage")  # padded
+    with torch.no_grad():
+        whole = student.body(**batch).last_hidden_state
+        lower = layer_slice(student.body, 0, 1, final_norm=False)(**batch).last_hidden_state
+        upper = layer_slice(student.body, 1, 2, final_norm=True)
+        split = upper(inputs_embeds=lower, attention_mask=batch["attention_mask"])
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(split.last_hidden_state[mask], whole[mask], atol=1e-5, rtol=1e-5)
+    assert len(student.body.layers) == 2 and not isinstance(student.body.norm, torch.nn.Identity)
+
+
+def test_top_layer_lora_trains_on_cached_lower_states(tmp_path, beir, tiny_backbone):
+    config = make_config(tmp_path, beir, tiny_backbone, tune_top_layers=1, lr=3e-3, epochs=3,
+                         dev_fraction=0.0)
+    output = distill(config, teacher=OverlapTeacher())
+    trained = D2LLMStudent.from_pretrained(output, dtype="float32", trainable=True)
+    assert trained.config.lora.layers == [1]  # the tiny backbone has 2 blocks
+    tuned = {n.split(".layers.")[1].split(".")[0] for n, p in trained.backbone.named_parameters()
+             if "lora_B" in n and p.abs().sum() > 0}
+    assert tuned == {"1"}  # LoRA trained, on the top block only
+    # the cache training filled serves evaluation of the merged student: same vectors
+    merged = D2LLMStudent.from_pretrained(output, dtype="float32")
+    cache = TokenStateCache(merged, Path(config.work_path) / "token_states", depth=1,
+                            show_progress=False)
+    texts = ["the cat and the mat of the cat", "the quantum and the physics of the quantum"]
+    assert cache.ensure(texts, "passage") == 0  # training cached these: a hit, not a miss
+    with torch.no_grad():
+        torch.testing.assert_close(cache.vectors(texts, "passage"), merged.encode(texts),
+                                   atol=2e-3, rtol=2e-3)
+    with pytest.raises(ConfigError, match="leaves nothing frozen"):
+        distill(make_config(tmp_path, beir, tiny_backbone, tune_top_layers=2),
+                teacher=OverlapTeacher())

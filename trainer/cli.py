@@ -77,6 +77,11 @@ _TEACHER_OPTIONS = [
 _STUDENT_OPTIONS = [
     ("--student", "student", str, "Student backbone LLM: a local directory or a locally cached "
      "hub id."),
+    ("--backbone-layers", "backbone_layers", int, "Keep only the first N transformer layers of "
+     "the student backbone and pool their output (faster; a middle layer is often the better "
+     "embedding: benchmarks/layer_probe.py measures it). Default: all layers."),
+    ("--tune-top-layers", "tune_top_layers", int, "With a frozen backbone: LoRA on its top N "
+     "blocks, trained on cached states of the blocks below (0: train only PMA + IEM)."),
     ("--lora-r", "lora_r", int, "LoRA rank."),
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha."),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout."),
@@ -192,6 +197,12 @@ def _distill_parser(commands: Any) -> None:
                                action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help="recompute backbone activations in the backward pass to "
                                     "save memory in LoRA mode (default: on)")
+            group.add_argument("--iem-cosine-skip", dest="iem_cosine_skip",
+                               action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help="IEM logit = learned scale x cosine + MLP correction, so an "
+                                    "untrained head ranks like the first stage; "
+                                    "--no-iem-cosine-skip gives the paper's bare MLP "
+                                    "(default: on)")
             group.add_argument("--trust-remote-code", dest="trust_remote_code",
                                action="store_true", default=argparse.SUPPRESS,
                                help="allow models that run their own Python code (off unless "
@@ -314,13 +325,15 @@ def _run_eval(args: argparse.Namespace) -> int:
                                                dtype=args.dtype)
         cache = None
         if args.token_cache is not None:
-            if student.config.lora is not None:
+            lora = student.config.lora
+            if lora is not None and not lora.first_tuned_layer:
                 raise evaluation.EvaluationError(
                     "--token-cache holds states of a frozen backbone, but this student tunes "
-                    "its backbone with LoRA: drop --token-cache")
+                    "all its backbone with LoRA: drop --token-cache")
             from llama_index_d2llm.trainer.token_states import TokenStateCache
 
             cache = TokenStateCache(student, args.token_cache, batch_size=args.batch_size,
+                                    depth=lora.first_tuned_layer if lora else None,
                                     show_progress=args.progress)
         if data is not None:
             results["student"] = evaluation.evaluate_student(

@@ -53,13 +53,16 @@ class DistillConfig:
     teacher_max_length: int = 512
     # student
     student: str | None = None
+    backbone_layers: int | None = None
     frozen_backbone: bool | None = None
+    tune_top_layers: int = 0
     lora_r: int = 8
     lora_alpha: int = 8
     lora_dropout: float = 0.05
     gradient_checkpointing: bool = True
     pma_heads: int = 32
     iem_hidden_size: int = 512
+    iem_cosine_skip: bool = True
     max_query_length: int = 64
     max_passage_length: int = 256
     device: str | None = None
@@ -94,11 +97,13 @@ class DistillConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_every", "max_generated_passages"):
+        for name in ("max_steps", "eval_every", "max_generated_passages", "backbone_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{_flag(name)} must be a positive integer or unset, "
                                   f"got {value!r}")
+        if self.tune_top_layers < 0:
+            raise ConfigError(f"--tune-top-layers must be >= 0, got {self.tune_top_layers}")
         if self.num_easy_negatives < 0:
             raise ConfigError(f"--num-easy-negatives must be >= 0, got {self.num_easy_negatives}")
         if not 0 <= self.dev_fraction < 1:

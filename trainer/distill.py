@@ -162,7 +162,9 @@ def distill(config: DistillConfig, *, teacher: Any = None,
     if config.frozen_backbone:
         from llama_index_d2llm.trainer.token_states import TokenStateCache
 
+        lora = student.config.lora
         token_cache = TokenStateCache(student, config.work_path / "token_states",
+                                      depth=lora.first_tuned_layer if lora else None,
                                       batch_size=config.encode_batch_size,
                                       show_progress=config.show_progress)
     trainer = DistillationTrainer(student, config, data.examples, data.texts,
@@ -254,12 +256,14 @@ def _build_student(config: DistillConfig, device: torch.device,
                                                dtype=config.dtype, trainable=True,
                                                trust_remote_code=config.trust_remote_code)
     else:
-        lora = (None if config.frozen_backbone else
-                LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
-                             dropout=config.lora_dropout))
+        lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
+                            dropout=config.lora_dropout)
+        if config.frozen_backbone:
+            lora = _top_layers_lora(config, lora)
         student = D2LLMStudent.from_backbone(
-            config.student, lora=lora, pma_heads=config.pma_heads,
-            iem_hidden_size=config.iem_hidden_size, max_query_length=config.max_query_length,
+            config.student, backbone_layers=config.backbone_layers, lora=lora,
+            pma_heads=config.pma_heads, iem_hidden_size=config.iem_hidden_size,
+            iem_cosine_skip=config.iem_cosine_skip, max_query_length=config.max_query_length,
             max_passage_length=config.max_passage_length, device=device, dtype=config.dtype,
             trust_remote_code=config.trust_remote_code, seed=config.seed,
         )
@@ -268,6 +272,31 @@ def _build_student(config: DistillConfig, device: torch.device,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return student
+
+
+def _top_layers_lora(config: DistillConfig, lora: LoraSettings) -> LoraSettings | None:
+    """Frozen mode: no LoRA, or LoRA on the top ``tune_top_layers`` blocks only."""
+    if not config.tune_top_layers:
+        return None
+    blocks = _block_count(config)
+    if config.tune_top_layers >= blocks:
+        raise ConfigError(f"--tune-top-layers {config.tune_top_layers} leaves nothing frozen to "
+                          f"cache: the student has {blocks} blocks; tune fewer, or use "
+                          "--no-frozen-backbone for LoRA on all of them")
+    lora.layers = list(range(blocks - config.tune_top_layers, blocks))
+    return lora
+
+
+def _block_count(config: DistillConfig) -> int:
+    """Transformer blocks the student keeps (read from the backbone's config, no weights)."""
+    from transformers import AutoConfig
+
+    from llama_index_d2llm.student.backbone import resolve_backbone
+
+    backbone = AutoConfig.from_pretrained(resolve_backbone(config.student),
+                                          trust_remote_code=config.trust_remote_code)
+    backbone = getattr(backbone, "text_config", None) or backbone
+    return config.backbone_layers or int(backbone.num_hidden_layers)
 
 
 def save_distilled(student: D2LLMStudent, config: DistillConfig, result: TrainingResult,

@@ -200,8 +200,8 @@ def student_encoder(student: D2LLMStudent, batch_size: int = 16, show_progress: 
         output = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                states, mask = token_cache.batch(texts[start:start + batch_size], kind)
-                output.append(student.pool(states, mask).float().cpu())
+                output.append(token_cache.vectors(texts[start:start + batch_size], kind)
+                              .float().cpu())
         return torch.cat(output) if output else torch.empty(0, student.dimension)
 
     return encode

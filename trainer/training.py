@@ -54,7 +54,8 @@ KEEP_CHECKPOINTS = 2
 RESUME_KEYS = (
     "corpus", "queries", "qrels", "pairs", "dev_fraction", "queries_per_passage",
     "max_generated_passages", "num_negatives", "num_easy_negatives", "pair_min_score", "teacher",
-    "teacher_mode", "student", "frozen_backbone", "lora_r", "lora_alpha", "lora_dropout",
+    "teacher_mode", "student", "backbone_layers", "iem_cosine_skip", "frozen_backbone",
+    "tune_top_layers", "lora_r", "lora_alpha", "lora_dropout",
     "pma_heads", "iem_hidden_size", "max_query_length", "max_passage_length", "batch_size",
     "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "losses",
 )
@@ -69,13 +70,9 @@ def backbone_encoder(student: D2LLMStudent) -> TextEncoder:
     return lambda texts, kind: student.embed(student.tokenize(list(texts), kind))
 
 
-def cached_encoder(student: D2LLMStudent, cache: TokenStateCache) -> TextEncoder:
-    """Vectors from cached frozen-backbone states: only PMA runs (and learns)."""
-    def encode(texts: Sequence[str], kind: str) -> torch.Tensor:
-        states, mask = cache.batch(texts, kind, device=student.device)
-        return student.pool(states, mask)
-
-    return encode
+def cached_encoder(cache: TokenStateCache) -> TextEncoder:
+    """Vectors from cached frozen-backbone states: PMA (and the tuned top blocks) run."""
+    return cache.vectors
 
 
 def encode_distinct(encoder: TextEncoder, texts: Sequence[str], kind: str,
@@ -247,8 +244,9 @@ class DistillationTrainer:
         self.step_callback = step_callback
         self.accelerator = accelerator or make_accelerator(config)
         if token_cache is not None:
-            student.backbone.requires_grad_(False)
-            self.encoder = cached_encoder(student, token_cache)
+            if token_cache.depth is None:  # else peft keeps only the top blocks' LoRA trainable
+                student.backbone.requires_grad_(False)
+            self.encoder = cached_encoder(token_cache)
         else:
             self.encoder = backbone_encoder(student)
         self.collator = Collator(texts)

@@ -172,3 +172,70 @@ def load_body(path: str, dtype: torch.dtype, trust_remote_code: bool = False) ->
             "Hugging Face causal LM, a hub id that is cached locally, or no name for the "
             "offline default"
         ) from exc
+
+
+def decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks of a Hugging Face body (``body.layers`` and kin)."""
+    for path in ("layers", "h", "decoder.layers", "language_model.layers", "model.layers"):
+        module: Any = body
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the transformer blocks of {type(body).__name__}; "
+                     "use the whole model (backbone_layers=None)")
+
+
+def truncate_layers(body: torch.nn.Module, keep: int | None) -> torch.nn.Module:
+    """Keep the first ``keep`` transformer blocks and drop the rest, in place.
+
+    A decoder's last layers are shaped for next-token prediction; an intermediate layer can
+    be the better embedding and costs proportionally less to run (``benchmarks/
+    layer_probe.py`` measures which). The body's final norm still applies to the output.
+    """
+    if keep is None:
+        return body
+    layers = decoder_layers(body)
+    if not 1 <= keep <= len(layers):
+        raise ValueError(f"backbone_layers={keep}, but the backbone has {len(layers)} "
+                         f"transformer layers: pick 1 to {len(layers)}, or None for all")
+    if keep == len(layers):
+        return body
+    del layers[keep:]
+    config = getattr(body.config, "text_config", None) or body.config
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:keep]
+    return body
+
+
+def layer_slice(body: torch.nn.Module, start: int, stop: int,
+                final_norm: bool) -> torch.nn.Module:
+    """A view of ``body`` that runs only blocks ``start:stop``, sharing their weights.
+
+    Call it with ``inputs_embeds`` = the hidden states entering block ``start``: the view
+    makes its own masks and positions, exactly as the whole body would. With
+    ``final_norm=False`` it returns the raw residual stream (what the next block takes).
+    This is how the CPU trainer caches a frozen lower part once and trains only the top
+    blocks (LoRA) on the cached states.
+    """
+    import copy
+
+    layers = decoder_layers(body)
+    if not 0 <= start < stop <= len(layers):
+        raise ValueError(f"cannot slice blocks {start}:{stop} of {len(layers)}")
+    if decoder_layers(body) is not getattr(body, "layers", None):
+        raise ValueError(f"layer slices need a body with a `layers` attribute, not "
+                         f"{type(body).__name__}")
+    view = copy.copy(body)
+    view._modules = dict(body._modules)  # the view's own module table: the body is untouched
+    view.layers = torch.nn.ModuleList(list(layers[start:stop]))
+    if not final_norm:
+        view.norm = torch.nn.Identity()
+    config = copy.deepcopy(getattr(body.config, "text_config", None) or body.config)
+    config.num_hidden_layers = stop - start
+    config.use_cache = False  # a key/value cache would be indexed by the blocks' own numbers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[start:stop]
+    view.config = config
+    return view

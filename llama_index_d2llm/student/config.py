@@ -21,12 +21,22 @@ TASKS = ("asymmetric", "symmetric")
 
 @dataclass
 class LoraSettings:
-    """LoRA on the backbone (the released D2LLM code: r=8, alpha=8, dropout 0.05)."""
+    """LoRA on the backbone (the released D2LLM code: r=8, alpha=8, dropout 0.05).
+
+    ``layers``: indices of the transformer blocks that get LoRA (``None``: all of them).
+    Tuning only the top blocks lets the CPU trainer cache the frozen lower ones.
+    """
 
     r: int = 8
     alpha: int = 8
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
+    layers: list[int] | None = None
+
+    @property
+    def first_tuned_layer(self) -> int:
+        """The lowest block LoRA touches (0 when it touches all)."""
+        return min(self.layers) if self.layers else 0
 
 
 @dataclass
@@ -35,13 +45,16 @@ class D2LLMConfig:
 
     ``backbone`` is a Hugging Face id or a local directory (relative paths are resolved
     against the student directory), or ``None`` for the offline default Gemma 3 270M.
+    ``backbone_layers`` keeps only that many of its first transformer layers (``None``: all).
     """
 
     backbone: str | None = None
+    backbone_layers: int | None = None
     hidden_size: int = 0
     pma_heads: int = 32
     pma_ffn_size: int | None = None
     iem_hidden_size: int = 512
+    iem_cosine_skip: bool = True
     max_query_length: int = 64
     max_passage_length: int = 256
     query_instruction: str = "Query: "
@@ -56,6 +69,8 @@ class D2LLMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if self.backbone_layers is not None and self.backbone_layers < 1:
+            raise ValueError("backbone_layers must be a positive number of layers or None")
         if self.max_query_length < 1 or self.max_passage_length < 1:
             raise ValueError("max_query_length and max_passage_length must be positive")
 
@@ -74,6 +89,9 @@ class D2LLMConfig:
                 f"reads version {FORMAT_VERSION}: install the matching package version or "
                 "re-export the student with `d2llm-rag distill`"
             )
+        data = dict(data)
+        # written before the IEM had its cosine skip: the head is the paper's bare MLP
+        data.setdefault("iem_cosine_skip", False)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -22,11 +22,13 @@ from torch import nn
 
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
+    decoder_layers,
     load_body,
     load_tokenizer,
     resolve_backbone,
     resolve_device,
     resolve_dtype,
+    truncate_layers,
 )
 from llama_index_d2llm.student.config import (
     ADAPTER_DIR,
@@ -65,6 +67,8 @@ def compute_fingerprint(config: D2LLMConfig, heads: dict[str, torch.Tensor],
         digest.update(_tensor_digest(adapter).digest())
     identity = [config.backbone or DEFAULT_BACKBONE_NAME, config.hidden_size,
                 config.query_instruction, config.passage_instruction, config.normalize]
+    if config.backbone_layers is not None:  # absent from older fingerprints: keep them valid
+        identity.append(("backbone_layers", config.backbone_layers))
     digest.update(repr(identity).encode())
     return digest.hexdigest()[:16]
 
@@ -79,7 +83,8 @@ class D2LLMStudent(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pma = PMAPooling(config.hidden_size, config.pma_heads, config.pma_ffn_size)
-        self.iem = InteractionEmulation(config.hidden_size, config.iem_hidden_size)
+        self.iem = InteractionEmulation(config.hidden_size, config.iem_hidden_size,
+                                        cosine_skip=config.iem_cosine_skip)
         self.backbone_dtype = dtype
         self._loaded_fingerprint: str | None = None
         self._warned_truncation: set[str] = set()
@@ -92,10 +97,12 @@ class D2LLMStudent(nn.Module):
         cls,
         name_or_path: str | None = None,
         *,
+        backbone_layers: int | None = None,
         lora: LoraSettings | None = LoraSettings(),  # noqa: B008 - dataclass is immutable in use
         pma_heads: int = 32,
         pma_ffn_size: int | None = None,
         iem_hidden_size: int = 512,
+        iem_cosine_skip: bool = True,
         max_query_length: int = 64,
         max_passage_length: int = 256,
         query_instruction: str = "Query: ",
@@ -109,7 +116,9 @@ class D2LLMStudent(nn.Module):
         """A new student around any Hugging Face causal LM (hub id or local directory).
 
         With no name, the offline default Gemma 3 270M (converted once, then cached).
-        The heads are freshly initialised: distil them before use (``d2llm-rag distill``).
+        ``backbone_layers`` keeps only the first N transformer layers (faster, and a middle
+        layer is often the better embedding). The heads are freshly initialised: distil them
+        before use (``d2llm-rag distill``).
         """
         if seed is not None:
             torch.manual_seed(seed)
@@ -117,10 +126,12 @@ class D2LLMStudent(nn.Module):
         dtype = resolve_dtype(dtype, device)
         path = resolve_backbone(name_or_path)
         tokenizer = load_tokenizer(path, trust_remote_code)
-        body = load_body(path, dtype, trust_remote_code)
+        body = truncate_layers(load_body(path, dtype, trust_remote_code), backbone_layers)
         config = D2LLMConfig(
-            backbone=name_or_path, hidden_size=_hidden_size(body), pma_heads=pma_heads,
+            backbone=name_or_path, backbone_layers=backbone_layers,
+            hidden_size=_hidden_size(body), pma_heads=pma_heads,
             pma_ffn_size=pma_ffn_size, iem_hidden_size=iem_hidden_size,
+            iem_cosine_skip=iem_cosine_skip,
             max_query_length=max_query_length, max_passage_length=max_passage_length,
             query_instruction=query_instruction, passage_instruction=passage_instruction,
             normalize=normalize, lora=copy.deepcopy(lora), trust_remote_code=trust_remote_code,
@@ -170,7 +181,11 @@ class D2LLMStudent(nn.Module):
         dtype = resolve_dtype(dtype, device)
         path = resolve_backbone(config.backbone, base_dir=directory)
         tokenizer = load_tokenizer(path, remote)
-        body = load_body(path, dtype, remote)
+        try:
+            body = truncate_layers(load_body(path, dtype, remote), config.backbone_layers)
+        except ValueError as exc:
+            raise CheckpointError(f"{exc}: the student was distilled from another backbone "
+                                  f"than {path!r}") from exc
         if _hidden_size(body) != config.hidden_size:
             raise CheckpointError(
                 f"backbone {path!r} has hidden size {_hidden_size(body)}, the student was trained "
@@ -220,6 +235,11 @@ class D2LLMStudent(nn.Module):
         return f"D2LLM student on {backbone} ({self.fingerprint})"
 
     @property
+    def body(self) -> nn.Module:
+        """The Hugging Face transformer body, unwrapped from peft (LoRA layers included)."""
+        return self.backbone.get_base_model() if _is_peft(self.backbone) else self.backbone
+
+    @property
     def device(self) -> torch.device:
         return self.pma.seed.device
 
@@ -262,7 +282,8 @@ class D2LLMStudent(nn.Module):
 
     def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states of the backbone, as float32."""
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False)  # no generation: a key/value cache is waste
         return output.last_hidden_state.float()
 
     def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -397,8 +418,20 @@ def _is_peft(module: nn.Module) -> bool:
 def _wrap_lora(body: nn.Module, lora: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    targets = lora.target_modules
+    if lora.layers is not None:
+        # the linears of the chosen blocks, by full name (peft's layers_to_transform does not
+        # find the blocks of a bare body, whose names have no prefix before "layers.")
+        wanted = None if targets == "all-linear" else set(
+            [targets] if isinstance(targets, str) else targets)
+        blocks = decoder_layers(body)
+        prefix = {id(block): name for name, block in body.named_modules()}
+        targets = [f"{prefix[id(blocks[i])]}.{name}" for i in lora.layers
+                   for name, module in blocks[i].named_modules()
+                   if isinstance(module, nn.Linear)
+                   and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, bias="none")
+                             target_modules=targets, bias="none")
     return get_peft_model(body, peft_config)
 
 

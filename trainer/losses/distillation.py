@@ -115,7 +115,7 @@ class D2LLMDistillationLoss(nn.Module):
                 features = query_vectors.new_zeros((batch, *group_features.shape[1:]))
                 logits = query_vectors.new_zeros(candidate_vectors.shape[:2])
             features[index] = group_features
-            logits[index] = iem.logits_from_features(group_features)
+            logits[index] = iem.logits(queries, candidate_vectors[index], group_features)
             if need_easy:
                 if easy_logits is None:
                     easy_logits = query_vectors.new_zeros(easy_vectors.shape[:2])
