@@ -96,13 +96,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-teacher", action="store_true")
     parser.add_argument("--no-ablation", action="store_true",
                         help="skip the second student trained without the vector loss")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="instead of the two default students, distil one per variant: "
+                             "a name and the options added to --distill-args (repeatable), "
+                             "e.g. 'top2=--tune-top-layers 2 --epochs 4'")
     args = parser.parse_args(argv)
 
     from llama_index_d2llm.trainer.evaluation import bm25_run, evaluate_run, load_beir
 
     work = args.work.resolve()
     split_dir = work / "data"
-    summary: dict = {"settings": vars(args) | {"work": str(work), "data": str(args.data)}}
+    previous = work / "summary.json"  # variants of earlier runs stay; this run's replace theirs
+    summary: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    summary["settings"] = vars(args) | {"work": str(work), "data": str(args.data)}
     summary["split"] = write_split(args.data, split_dir, args.dev_fraction, args.seed)
     data = load_beir(split_dir, "dev")
     metrics = ["ndcg@10", "recall@100", "mrr@10"]
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [("with_vector_loss", [])]
     if not args.no_ablation:
         variants.append(("without_vector_loss", ["--vector-loss-weight", "0"]))
+    if args.variant:
+        variants = [(name, shlex.split(options)) for name, options
+                    in (v.split("=", 1) for v in args.variant)]
     cli = [sys.executable, "-m", "llama_index_d2llm.trainer.cli"]
     for name, extra in variants:
         student = work / f"student-{name}"

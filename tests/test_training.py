@@ -231,6 +231,19 @@ def test_distill_config_round_trips(tmp_path):
         DistillConfig.from_dict({**config.to_dict(), "lerning_rate": 1})
 
 
+def test_the_default_backbone_keeps_its_measured_best_depth():
+    from llama_index_d2llm.student.backbone import DEFAULT_BACKBONE_LAYERS
+
+    assert resolve_config(DistillConfig(corpus="docs", device="cpu")).backbone_layers \
+        == DEFAULT_BACKBONE_LAYERS == 13
+    named = DistillConfig(corpus="docs", device="cpu", student="some/model")
+    assert resolve_config(named).backbone_layers is None  # other models: every layer
+    assert resolve_config(DistillConfig(corpus="d", device="cpu", backbone_layers=18)) \
+        .backbone_layers == 18
+    with pytest.raises(ConfigError, match="backbone-layers"):
+        DistillConfig(corpus="docs", backbone_layers=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_layer_slices_compose_to_the_whole_backbone(tmp_path, arch):
     from llama_index_d2llm.student.backbone import layer_slice

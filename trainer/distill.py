@@ -25,7 +25,12 @@ from typing import Any
 import torch
 
 from llama_index_d2llm.student import D2LLMStudent, LoraSettings
-from llama_index_d2llm.student.backbone import load_tokenizer, resolve_backbone, resolve_device
+from llama_index_d2llm.student.backbone import (
+    DEFAULT_BACKBONE_LAYERS,
+    load_tokenizer,
+    resolve_backbone,
+    resolve_device,
+)
 from llama_index_d2llm.student.config import CONFIG_NAME
 from llama_index_d2llm.student.model import replace_directory
 from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
@@ -61,8 +66,11 @@ SUMMARY_NAME = "training_summary.json"
 
 
 def resolve_config(config: DistillConfig) -> DistillConfig:
-    """A copy with the automatic choices made: frozen backbone on CPU, LoRA on a GPU."""
+    """A copy with the automatic choices made: frozen backbone on CPU, LoRA on a GPU; the
+    measured best depth of the offline default backbone."""
     config = copy.deepcopy(config)
+    if config.backbone_layers is None and config.student is None:
+        config.backbone_layers = DEFAULT_BACKBONE_LAYERS
     if config.frozen_backbone is None:
         device = resolve_device(config.device)
         config.frozen_backbone = device.type == "cpu"

@@ -48,7 +48,9 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 BEST_NAME = "best.safetensors"
 STUDENT_DIR = "student"
 STATE_FORMAT = "d2llm-trainer-state-v1"
-EARLY_STOPPING_METRIC = "dev_iem_ndcg@10"
+# Both halves of search count: the vectors find the candidates, the IEM orders them. On SciFact
+# the vectors' dev nDCG kept rising after the IEM's had peaked.
+EARLY_STOPPING_METRIC = "dev_mean_ndcg@10"
 KEEP_CHECKPOINTS = 2
 # Settings a checkpoint must share with the run that resumes it: they shape the trajectory.
 RESUME_KEYS = (
@@ -141,8 +143,10 @@ def dev_metrics(student: D2LLMStudent, encoder: TextEncoder, items: Sequence[Ran
     finally:
         student.train(was_training)
     qrels = {item.id: dict.fromkeys(item.positive_ids, 1) for item in items}
-    return {"dev_iem_ndcg@10": evaluate_run(qrels, iem_run, ["ndcg@10"])["ndcg@10"],
-            "dev_vector_ndcg@10": evaluate_run(qrels, cosine_run, ["ndcg@10"])["ndcg@10"]}
+    iem = evaluate_run(qrels, iem_run, ["ndcg@10"])["ndcg@10"]
+    vector = evaluate_run(qrels, cosine_run, ["ndcg@10"])["ndcg@10"]
+    return {"dev_iem_ndcg@10": iem, "dev_vector_ndcg@10": vector,
+            "dev_mean_ndcg@10": (iem + vector) / 2}
 
 
 def evaluate_objective(student: D2LLMStudent, examples: Sequence[TrainingExample],
