@@ -45,8 +45,9 @@ QUESTIONS = (
 # d2llm-rag distill settings. "default": a few minutes on a 2-core CPU with Gemma 3 270M;
 # "quick": the smoke-test size.
 DISTILL_PRESETS = {
-    "default": ["--max-generated-passages", "24", "--num-negatives", "3",
-                "--num-easy-negatives", "1", "--batch-size", "8", "--max-steps", "40"],
+    "default": ["--max-generated-passages", "64", "--num-negatives", "3",
+                "--num-easy-negatives", "1", "--batch-size", "8", "--epochs", "20",
+                "--lr", "1e-3", "--dev-fraction", "0", "--max-steps", "200"],
     "quick": ["--max-generated-passages", "12", "--num-negatives", "3",
               "--num-easy-negatives", "1", "--batch-size", "4", "--max-steps", "3",
               "--dev-fraction", "0"],
@@ -64,12 +65,12 @@ def distill_command(args: argparse.Namespace, student_dir: Path) -> list[str]:
     return command + shlex.split(args.distill_args or "")
 
 
-def ensure_student(args: argparse.Namespace) -> Path:
-    """Reuse the student in the work dir, or distil one (step 1)."""
+def ensure_student(args: argparse.Namespace) -> tuple[Path, bool]:
+    """Reuse the student in the work dir, or distil one (step 1); True when distilled."""
     student_dir = (args.workdir / "student").resolve()
     if (student_dir / "d2llm_config.json").exists() and not args.retrain:
         print(f"[1/3] reusing the student in {student_dir} (--retrain distils again)")
-        return student_dir
+        return student_dir, False
     from llama_index_d2llm.trainer.cli import main as d2llm_rag
 
     command = distill_command(args, student_dir)
@@ -81,7 +82,7 @@ def ensure_student(args: argparse.Namespace) -> Path:
     if status != 0:
         raise ChatbotError(f"distillation failed (exit status {status}, message above)")
     print(f"      done in {time.perf_counter() - start:.0f} s")
-    return student_dir
+    return student_dir, True
 
 
 def compare_rankings(chatbot: Chatbot, question: str, width: int = 38) -> str:
@@ -156,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        student_dir = ensure_student(args)
+        student_dir, distilled = ensure_student(args)
         print(f"[2/3] indexing {args.corpus} into the embedded Qdrant in {args.workdir}",
               flush=True)
         options = ChatbotOptions(
             docs=args.corpus, student=student_dir, llm=args.llm, state_dir=args.workdir,
             collection="quickstart", similarity_top_k=args.top_k, top_n=args.top_n,
+            rebuild=distilled,  # the quickstart's own index: a new student re-embeds it
             max_new_tokens=args.max_new_tokens or (48 if args.quick else 96))
         chatbot, report = build_chatbot(options)
         try:

@@ -335,7 +335,8 @@ class DocumentIndex:
             ) from None
 
     def rebuild(self) -> None:
-        """Drop the collection and its manifest (only ever on the user's explicit --rebuild)."""
+        """Drop the collection and its manifest (only on request: the chatbot's --rebuild, or
+        the quickstart re-embedding its own index after distilling a new student)."""
         if self.exists():
             self.client.delete_collection(self.location.collection)
         self.manifest_path.unlink(missing_ok=True)
