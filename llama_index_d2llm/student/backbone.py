@@ -229,7 +229,7 @@ def layer_slice(body: torch.nn.Module, start: int, stop: int,
     layers = decoder_layers(body)
     if not 0 <= start < stop <= len(layers):
         raise ValueError(f"cannot slice blocks {start}:{stop} of {len(layers)}")
-    if decoder_layers(body) is not getattr(body, "layers", None):
+    if layers is not getattr(body, "layers", None):
         raise ValueError(f"layer slices need a body with a `layers` attribute, not "
                          f"{type(body).__name__}")
     view = copy.copy(body)
