@@ -7,7 +7,8 @@ nDCG@10 / Recall@100 / MRR@10 of
   1. BM25 (the trainer's miner, top 100);
   2. the teacher LLM reranking BM25's top 20 (ranks 21-100 keep BM25's order);
   3. the student's first stage alone (exact cosine over the whole corpus) and
-  4. first stage + IEM rescoring of the top 100,
+  4. first stage + IEM rescoring of the top 100 (with --eval-args --hybrid-bm25, also BM25
+     and the student's vectors fused by reciprocal rank, alone and rescored by the IEM),
 for a student distilled with the CLI (`d2llm-rag distill`) on the train part, once with the
 first-stage vector loss and once without it. It records each stage's wall time and writes
 everything to WORK/summary.json. Every stage is cached under WORK, so a rerun is cheap.
@@ -81,6 +82,17 @@ def run_command(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def save_summary(work: Path, updates: dict) -> None:
+    """Merge ``updates`` into WORK/summary.json, re-read first: runs of other variants (even
+    concurrent ones) keep their entries."""
+    path = work / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(updates)
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(summary, indent=2) + "\n")
+    temp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/scifact"))
@@ -93,6 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--num-negatives 3 --num-easy-negatives 1 --max-passage-length 128 "
         "--max-query-length 64 --epochs 10 --batch-size 16"),
         help="extra options for d2llm-rag distill (the CPU settings)")
+    parser.add_argument("--eval-args", default="",
+                        help="extra options for every d2llm-rag eval, e.g. '--hybrid-bm25 "
+                             "--max-passage-length 512'")
     parser.add_argument("--skip-teacher", action="store_true")
     parser.add_argument("--no-ablation", action="store_true",
                         help="skip the second student trained without the vector loss")
@@ -106,9 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = args.work.resolve()
     split_dir = work / "data"
-    previous = work / "summary.json"  # variants of earlier runs stay; this run's replace theirs
-    summary: dict = json.loads(previous.read_text()) if previous.exists() else {}
-    summary["settings"] = vars(args) | {"work": str(work), "data": str(args.data)}
+    summary: dict = {"settings": vars(args) | {"work": str(work), "data": str(args.data)}}
     summary["split"] = write_split(args.data, split_dir, args.dev_fraction, args.seed)
     data = load_beir(split_dir, "dev")
     metrics = ["ndcg@10", "recall@100", "mrr@10"]
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_per_query": teacher["seconds"] / max(1, len(data.queries))}
         print("teacher", summary["teacher_rerank_bm25_top20"], flush=True)
 
-    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_summary(work, summary)
     variants = [("with_vector_loss", [])]
     if not args.no_ablation:
         variants.append(("without_vector_loss", ["--vector-loss-weight", "0"]))
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics_file = work / f"eval-{name}.json"
         evaluate = cli + ["eval", str(student), "--data", str(split_dir), "--split", "dev",
                           "--token-cache", str(work / "distill" / "token_states"),
-                          "--output", str(metrics_file)]
+                          "--output", str(metrics_file), *shlex.split(args.eval_args)]
         eval_s = run_command(evaluate, work / f"eval-{name}.log")
         result = json.loads(metrics_file.read_text())
         summary[f"student_{name}"] = {"distill_seconds": distill_s, "eval_seconds": eval_s,
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         if training.exists():
             summary[f"student_{name}"]["training_summary"] = json.loads(training.read_text())
         print(name, json.dumps(result, indent=1)[:2000], flush=True)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_summary(work, {f"student_{name}": summary[f"student_{name}"]})
     return summary
 
 

@@ -97,6 +97,27 @@ def test_vector_loss_weights_hard_negatives_and_uses_in_batch_positives():
     close(vector_contrastive_loss(queries, candidates, probs, mask, temperature=1.0), masked)
 
 
+def test_mined_negatives_join_the_in_batch_and_vector_denominators():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    mined = torch.tensor([[1.0], [0.0]])
+    # row 0: -log(e^2 / (e^2 + e^0 + e^1)); row 1: -log(e^1 / (e^1 + e^1 + e^0))
+    expected = (math.log(math.exp(2) + 1 + math.e) - 2 + math.log(2 * math.e + 1) - 1) / 2
+    close(in_batch_loss(logits, mined_logits=mined), expected)
+    close(in_batch_loss(logits, mined_logits=torch.zeros(2, 0)), in_batch_loss(logits).item())
+    with pytest.raises(ValueError, match="mined-negative logits"):
+        in_batch_loss(logits, mined_logits=torch.zeros(3, 1))
+
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    candidates = torch.tensor([[[1.0, 0.0], [0.6, 0.8]],
+                               [[0.0, 1.0], [0.6, 0.8]]])
+    probs = torch.tensor([[1.0, 0.5], [1.0, 0.0]])
+    extra = torch.tensor([[[2.0, 0.0]], [[0.0, -3.0]]])  # cosines 1 and -1 after normalising
+    expected = (math.log(math.e + math.exp(0.3) + 1 + math.e) - 1
+                + math.log(math.e + math.exp(0.8) + 1 + math.exp(-1)) - 1) / 2
+    close(vector_contrastive_loss(queries, candidates, probs, temperature=1.0,
+                                  mined_vectors=extra), expected)
+
+
 def _batch(batch=3, negatives=2, easy=2, dim=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return dict(

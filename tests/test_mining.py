@@ -7,7 +7,12 @@ import pytest
 
 from llama_index_d2llm.trainer import mining
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage
-from llama_index_d2llm.trainer.mining import BM25Index, bm25_tokenize, mine_hard_negatives
+from llama_index_d2llm.trainer.mining import (
+    BM25Index,
+    bm25_tokenize,
+    mine_hard_negatives,
+    mine_with_vectors,
+)
 from llama_index_d2llm.trainer.queries import Query
 
 TEXTS = [
@@ -103,3 +108,25 @@ def test_cache_is_used_and_keyed_by_inputs(tmp_path, monkeypatch):
 def test_index_of_passages_without_words_is_an_error():
     with pytest.raises(CorpusError, match="no passage has a word"):
         BM25Index([Passage("a", "..."), Passage("b", "!!")])
+
+
+def test_vector_mining_draws_from_the_nearest_non_excluded_passages():
+    import torch
+
+    passages = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [-1.0, 0.0]])
+    ids = ["p0", "p1", "p2", "p3", "p4"]
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    exclude = [{"p0"}, {"p3", "p2"}]
+    mined = mine_with_vectors(queries, passages, ids, exclude, count=2, depth=2, seed="s")
+    assert sorted(mined[0]) == ["p1", "p2"]  # the two nearest after the excluded positive
+    assert sorted(mined[1]) == ["p0", "p1"]  # p3 and p2 excluded; then the nearest to (0, 1)
+    assert mine_with_vectors(queries, passages, ids, exclude, count=2, depth=2,
+                             seed="s") == mined  # reproducible
+    drawn = {tuple(sorted(mine_with_vectors(queries, passages, ids, exclude, count=1, depth=3,
+                                             seed=str(k))[0])) for k in range(30)}
+    assert drawn == {("p1",), ("p2",), ("p3",)}  # a random draw from the top 3, never p0
+    with pytest.raises(CorpusError, match="--student-negatives"):
+        mine_with_vectors(queries, passages, ids, [set(ids[:4]), set()], count=2, depth=2,
+                          seed="s")
+    with pytest.raises(ValueError, match="count"):
+        mine_with_vectors(queries, passages, ids, exclude, count=3, depth=2, seed="s")

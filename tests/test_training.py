@@ -105,6 +105,43 @@ def test_resume_after_interrupt_reaches_the_same_weights(tmp_path, beir, tiny_ba
         torch.testing.assert_close(x, y, msg=name)
 
 
+def test_student_negatives_are_mined_each_epoch_and_survive_resume(tmp_path, beir,
+                                                                  tiny_backbone):
+    def config(name: str, **overrides) -> DistillConfig:
+        return make_config(tmp_path, beir, tiny_backbone, name=name, epochs=3, lr=1e-3,
+                           dev_fraction=0.0, checkpoint_every=100, student_negatives=2,
+                           student_negatives_depth=5, **overrides)
+
+    straight = distill(config("straight"), teacher=OverlapTeacher())
+    summary = json.loads((straight / "training_summary.json").read_text())["training"]
+    assert summary["steps"] == 9 and summary["mining_seconds"] > 0
+
+    def interrupt_at_step_5(step: int, logs: dict) -> None:
+        if step == 5:  # inside the second epoch, after its mining
+            raise KeyboardInterrupt
+
+    interrupted = config("interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        distill(interrupted, teacher=OverlapTeacher(), step_callback=interrupt_at_step_5)
+    state = json.loads((list_checkpoints(interrupted.work_path / "checkpoints")[-1]
+                        / "trainer_state.json").read_text())
+    assert state["mined_epoch"] == 1
+    positives = {f"q{t}": f"d{t}a" for t in range(12)}
+    negatives = json.loads(next((interrupted.work_path / "negatives").rglob("*.json"))
+                           .read_text())
+    for query_id, mined in state["mined"].items():
+        assert len(mined) == 2 and len(set(mined)) == 2
+        assert positives[query_id] not in mined  # never a judged positive
+        assert not set(mined) & set(negatives[query_id])  # nor a teacher-scored negative
+    interrupted.resume = True
+    resumed = distill(interrupted, teacher=OverlapTeacher())
+    a = D2LLMStudent.from_pretrained(straight, dtype="float32")
+    b = D2LLMStudent.from_pretrained(resumed, dtype="float32")
+    for (name, x), (_, y) in zip(a.heads_module().state_dict().items(),
+                                 b.heads_module().state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path, beir, tiny_backbone):
     config = make_config(tmp_path, beir, tiny_backbone, max_steps=2, checkpoint_every=1)
     distill(config, teacher=OverlapTeacher())
@@ -221,6 +258,9 @@ def test_bad_input_fails_before_the_teacher_is_used(tmp_path, beir, tiny_backbon
         make_config(tmp_path, beir, tiny_backbone, dev_fraction=1.5)
     with pytest.raises(ConfigError, match="nothing to distil"):
         DistillConfig(output="x")
+    with pytest.raises(ConfigError, match="--student-negatives-depth"):
+        make_config(tmp_path, beir, tiny_backbone, student_negatives=8,
+                    student_negatives_depth=4)
 
 
 def test_distill_config_round_trips(tmp_path):
@@ -229,6 +269,15 @@ def test_distill_config_round_trips(tmp_path):
     assert DistillConfig.from_json_file(path) == config
     with pytest.raises(ConfigError, match="unknown distillation settings"):
         DistillConfig.from_dict({**config.to_dict(), "lerning_rate": 1})
+
+
+def test_student_negatives_default_to_on_for_judged_queries_only():
+    judged = DistillConfig(corpus="c.jsonl", queries="q.jsonl", qrels="q.tsv", device="cpu")
+    assert resolve_config(judged).student_negatives == 16
+    assert resolve_config(DistillConfig(corpus="docs", device="cpu")).student_negatives == 0
+    chosen = DistillConfig(corpus="c.jsonl", queries="q.jsonl", qrels="q.tsv", device="cpu",
+                           student_negatives=0)
+    assert resolve_config(chosen).student_negatives == 0
 
 
 def test_the_default_backbone_keeps_its_measured_best_depth():

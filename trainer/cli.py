@@ -37,6 +37,7 @@ _SHOWN_DEFAULTS = {
     "device": "CUDA when available, else CPU", "max_steps": "no limit",
     "eval_every": "each epoch only", "max_generated_passages": "all",
     "corpus": "none", "queries": "none, generated", "qrels": "none", "pairs": "none",
+    "student_negatives": "16 with --queries/--qrels, 0 with generated queries",
 }
 
 # (flag, DistillConfig field, type, help)
@@ -62,6 +63,13 @@ _DATA_OPTIONS = [
     ("--num-negatives", "num_negatives", int, "BM25 hard negatives per query."),
     ("--num-easy-negatives", "num_easy_negatives", int, "Easy negatives per query (passages of "
      "other queries) for the hard-vs-easy rank loss."),
+    ("--student-negatives", "student_negatives", int, "From the second epoch on, each query "
+     "also gets this many negatives drawn from the student's own nearest passages over the "
+     "whole corpus (re-mined every epoch; labelled by the judgements, no teacher cost). They "
+     "train the vectors and the IEM on the mistakes of vector search; a frozen backbone then "
+     "caches the states of every passage. 0: none."),
+    ("--student-negatives-depth", "student_negatives_depth", int, "Draw those negatives from "
+     "this many nearest non-relevant passages."),
     ("--pair-min-score", "pair_min_score", float, "Pairs scored at least this (scores in [0, 1]; "
      "STS 0-5 is divided by 5) are positives; lower-scored pairs become hard negatives."),
 ]
@@ -252,6 +260,14 @@ def _eval_parser(commands: Any) -> None:
     parser.add_argument("--qdrant-path", default=":memory:",
                         help="local Qdrant storage folder for --first-stage qdrant "
                              "(default: in memory)")
+    parser.add_argument("--hybrid-bm25", action="store_true",
+                        help="also report hybrid search: BM25 and the student's vectors fused by "
+                             "reciprocal rank, then IEM rescoring of the fused top --rerank-k")
+    parser.add_argument("--max-passage-length", type=int, metavar="TOKENS",
+                        help="encode passages up to this many tokens instead of the student's "
+                             "own limit (longer documents are cut; PMA pools any length)")
+    parser.add_argument("--max-query-length", type=int, metavar="TOKENS",
+                        help="the same for queries")
     parser.add_argument("--max-queries", type=int, help="evaluate only the first N queries")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="texts per encoding batch (default: 16)")
@@ -316,14 +332,23 @@ def _run_eval(args: argparse.Namespace) -> int:
                            "queries": len(data.queries), "corpus": len(data.corpus)}
     if args.run is not None:
         results["run"] = evaluation.evaluate_run(data.qrels, evaluation.read_run(args.run))
+    bm25 = None
+    if args.bm25 or (args.hybrid_bm25 and data is not None):
+        bm25 = evaluation.bm25_run(data, args.top_k, show_progress=args.progress)
     if args.bm25:
-        results["bm25"] = evaluation.evaluate_run(
-            data.qrels, evaluation.bm25_run(data, args.top_k, show_progress=args.progress))
+        results["bm25"] = evaluation.evaluate_run(data.qrels, bm25)
     if args.student is not None:
         from llama_index_d2llm.student import D2LLMStudent
 
         student = D2LLMStudent.from_pretrained(args.student, device=args.device,
                                                dtype=args.dtype)
+        for kind in ("passage", "query"):
+            limit = getattr(args, f"max_{kind}_length")
+            if limit is not None:
+                if limit < 8:
+                    raise evaluation.EvaluationError(f"--max-{kind}-length must be at least 8 "
+                                                     f"tokens, got {limit}")
+                setattr(student.config, f"max_{kind}_length", limit)
         cache = None
         if args.token_cache is not None:
             lora = student.config.lora
@@ -341,7 +366,8 @@ def _run_eval(args: argparse.Namespace) -> int:
                 student, data, split=args.split, top_k=args.top_k, rerank_k=args.rerank_k,
                 first_stage=args.first_stage, max_queries=args.max_queries,
                 batch_size=args.batch_size, show_progress=args.progress, token_cache=cache,
-                qdrant_location=args.qdrant_path, runs_output=args.runs_output)
+                qdrant_location=args.qdrant_path, runs_output=args.runs_output,
+                lexical_run=bm25 if args.hybrid_bm25 else None)
         if pairs is not None:
             results["pairs"] = evaluation.evaluate_pairs(student, pairs,
                                                          batch_size=args.batch_size,

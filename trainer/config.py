@@ -46,6 +46,8 @@ class DistillConfig:
     num_negatives: int = 8
     num_easy_negatives: int = 4
     pair_min_score: float = 0.8
+    student_negatives: int | None = None
+    student_negatives_depth: int = 50
     # teacher
     teacher: str | None = None
     teacher_mode: str = "auto"
@@ -104,6 +106,13 @@ class DistillConfig:
                                   f"got {value!r}")
         if self.tune_top_layers < 0:
             raise ConfigError(f"--tune-top-layers must be >= 0, got {self.tune_top_layers}")
+        if self.student_negatives is not None and self.student_negatives < 0:
+            raise ConfigError(f"--student-negatives must be >= 0 (0: none), got "
+                              f"{self.student_negatives}")
+        if self.student_negatives and self.student_negatives_depth < self.student_negatives:
+            raise ConfigError(f"--student-negatives-depth ({self.student_negatives_depth}) must "
+                              f"be at least --student-negatives ({self.student_negatives}): "
+                              "they are drawn from that many nearest passages")
         if self.num_easy_negatives < 0:
             raise ConfigError(f"--num-easy-negatives must be >= 0, got {self.num_easy_negatives}")
         if not 0 <= self.dev_fraction < 1:

@@ -49,7 +49,8 @@ class TrainingExample:
 
     ``candidate_ids`` is [positive, hard negatives]; the teacher tensors follow that order.
     ``relevant_ids`` are all the query's positives: another example's positive among them is
-    not a negative for this query (masked in the in-batch losses).
+    not a negative for this query (masked in the in-batch losses). ``mined_ids`` are negatives
+    the trainer mines with the student itself during training (no teacher score).
     """
 
     query_id: str
@@ -62,6 +63,7 @@ class TrainingExample:
     teacher_probs: torch.Tensor
     easy_probs: torch.Tensor
     teacher_cosines: torch.Tensor | None = None
+    mined_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class TrainingBatch:
     false_negatives: torch.Tensor
     teacher_cosines: torch.Tensor | None = None
     query_ids: list[str] = field(default_factory=list)
+    mined_texts: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -90,7 +93,7 @@ class TrainingBatch:
         return TrainingBatch(self.queries, self.tasks, self.candidate_texts, self.easy_texts,
                              move(self.teacher_logits), move(self.teacher_probs),
                              move(self.easy_probs), move(self.false_negatives),
-                             move(self.teacher_cosines), self.query_ids)
+                             move(self.teacher_cosines), self.query_ids, self.mined_texts)
 
 
 class Collator:
@@ -102,8 +105,10 @@ class Collator:
     def __call__(self, examples: Sequence[TrainingExample]) -> TrainingBatch:
         sizes = {len(example.candidate_ids) for example in examples}
         easy_sizes = {len(example.easy_ids) for example in examples}
-        if len(sizes) != 1 or len(easy_sizes) != 1:
-            raise ValueError("examples of one batch need equally many hard and easy negatives")
+        mined_sizes = {len(example.mined_ids) for example in examples}
+        if len(sizes) != 1 or len(easy_sizes) != 1 or len(mined_sizes) != 1:
+            raise ValueError("examples of one batch need equally many hard, easy and mined "
+                             "negatives")
         positives = [example.candidate_ids[0] for example in examples]
         false_negatives = torch.tensor(
             [[j != i and positives[j] in example.relevant_ids for j in range(len(examples))]
@@ -122,6 +127,7 @@ class Collator:
             teacher_cosines=(torch.stack([example.teacher_cosines for example in examples])
                              if with_cosines else None),
             query_ids=[example.query_id for example in examples],
+            mined_texts=[[self.texts[pid] for pid in example.mined_ids] for example in examples],
         )
 
 

@@ -104,6 +104,25 @@ def read_run(path: str | Path) -> RunDict:
     return run
 
 
+def fuse_runs(runs: Sequence[RunDict], method: str = "rrf") -> RunDict:
+    """One run from several (``ranx.fuse``): reciprocal rank fusion by default,
+
+        score(d) = sum_r 1 / (60 + rank_r(d)),
+
+    which needs no score normalisation and no tuned weight, so it cannot be fitted to the
+    data it is measured on. Used for hybrid search: BM25's exact term matches plus the
+    student's vectors.
+    """
+    from ranx import Run as RanxRun
+    from ranx import fuse
+
+    kept = [{q: docs for q, docs in run.items() if docs} for run in runs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numba's type-safety chatter
+        fused = fuse([RanxRun(run) for run in kept], method=method)
+    return {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
+
+
 def bm25_run(data: BeirData, top_k: int = 100, show_progress: bool = False) -> RunDict:
     """BM25 (Okapi, the trainer's negative miner) over the corpus: the lexical baseline."""
     from llama_index_d2llm.trainer.mining import BM25Index
@@ -277,11 +296,14 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
                      metrics: Sequence[str] = DEFAULT_METRICS, max_queries: int | None = None,
                      batch_size: int = 16, show_progress: bool = True, token_cache: Any = None,
                      qdrant_location: str = ":memory:", task: str = "asymmetric",
-                     runs_output: str | Path | None = None) -> dict[str, Any]:
+                     runs_output: str | Path | None = None,
+                     lexical_run: RunDict | None = None) -> dict[str, Any]:
     """First-stage and IEM-reranked retrieval metrics of a student on a BEIR data set.
 
     ``first_stage``: ``"exact"`` (cosine over every passage) or ``"qdrant"`` (a local Qdrant
-    collection at ``qdrant_location``). ``rerank_k=0`` skips reranking.
+    collection at ``qdrant_location``). ``rerank_k=0`` skips reranking. With a
+    ``lexical_run`` (BM25's), also the hybrid first stage (``fuse_runs`` of both) and the
+    IEM's rescoring of the hybrid's top ``rerank_k``.
     """
     if first_stage not in ("exact", "qdrant"):
         raise EvaluationError(f"first_stage must be 'exact' or 'qdrant', got {first_stage!r}")
@@ -321,6 +343,20 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
         timings["rerank_s"] = time.perf_counter() - start
         result["reranked"] = evaluate_run(qrels, reranked, metrics)
         runs["reranked"] = reranked
+    if lexical_run is not None:
+        missing = [q for q in query_ids if q not in lexical_run]
+        if missing:
+            raise EvaluationError(f"the lexical run has no results for {len(missing)} queries "
+                                  f"(e.g. {missing[0]!r}): it must cover the evaluated queries")
+        hybrid = _truncate(fuse_runs([_truncate(first, top_k),
+                                      _truncate({q: lexical_run[q] for q in query_ids},
+                                                top_k)]), max(top_k, rerank_k))
+        result["hybrid"] = evaluate_run(qrels, _truncate(hybrid, top_k), metrics)
+        runs["hybrid"] = hybrid
+        if rerank_k:
+            hybrid_reranked = rerank(student, hybrid, by_id_q, by_id_p, rerank_k, task)
+            result["hybrid_reranked"] = evaluate_run(qrels, hybrid_reranked, metrics)
+            runs["hybrid_reranked"] = hybrid_reranked
     result["timings"] = timings
     if runs_output is not None:
         write_json(runs_output, runs)

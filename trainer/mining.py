@@ -1,4 +1,5 @@
-"""Stage 3: hard negatives mined with BM25 (as in the released D2LLM code).
+"""Stage 3: hard negatives mined with BM25 (as in the released D2LLM code), and during
+training with the student's own vectors (``mine_with_vectors``).
 
 A hard negative is a passage that BM25 ranks near the top for a query but that is not one of
 its positives: lexically close, so the student must learn more than word overlap. Scores are
@@ -9,11 +10,13 @@ instead of its per-document Python loop, which took minutes for a few thousand q
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from llama_index_d2llm.trainer.cache import atomic_write_json, content_key, read_json
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage
@@ -135,3 +138,36 @@ def mine_hard_negatives(queries: list[Query], passages: list[Passage], *, num_ne
     if cache_file is not None:
         atomic_write_json(cache_file, negatives)
     return negatives
+
+
+def mine_with_vectors(query_vectors: torch.Tensor, passage_vectors: torch.Tensor,
+                      passage_ids: Sequence[str], exclude: Sequence[set[str]], *, count: int,
+                      depth: int, seed: str) -> list[list[str]]:
+    """Per query, ``count`` passages drawn from its ``depth`` nearest by cosine, none excluded.
+
+    The student's own first-stage mistakes (as in ANCE): what a vector search will return and
+    the IEM must reorder, unlike BM25's look-alikes. Drawn at random from the top ``depth``
+    rather than taking the very top, where unjudged relevant passages (false negatives)
+    gather. ``exclude[i]`` holds query ``i``'s positives (and any passages it already uses);
+    when fewer than ``count`` remain in the top ``depth``, the next ranks fill in. The draw is
+    seeded by ``seed`` and the query's position, so it is reproducible.
+    """
+    if count < 1 or depth < count:
+        raise ValueError(f"need 1 <= count <= depth, got count={count}, depth={depth}")
+    if len(query_vectors) != len(exclude):
+        raise ValueError(f"{len(query_vectors)} query vectors but {len(exclude)} exclude sets")
+    passages = torch.nn.functional.normalize(passage_vectors.float(), dim=-1)
+    queries = torch.nn.functional.normalize(query_vectors.float(), dim=-1)
+    mined: list[list[str]] = []
+    for row, banned in enumerate(exclude):
+        free = len(passage_ids) - len(banned & set(passage_ids))
+        if free < count:
+            raise CorpusError(f"only {free} passages are not already used by a query, too few "
+                              f"to mine {count} negatives from: lower --student-negatives or "
+                              "add documents")
+        order = (passages @ queries[row]).argsort(descending=True).tolist()
+        ranked = [passage_ids[i] for i in order if passage_ids[i] not in banned]
+        pool = ranked[:max(depth, count)]
+        rng = random.Random(f"{seed}:{row}")
+        mined.append(rng.sample(pool, count))
+    return mined

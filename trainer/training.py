@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,14 @@ STATE_FORMAT = "d2llm-trainer-state-v1"
 # the vectors' dev nDCG kept rising after the IEM's had peaked.
 EARLY_STOPPING_METRIC = "dev_mean_ndcg@10"
 KEEP_CHECKPOINTS = 2
+MINING_STATE_KEYS = ("mined", "mined_epoch", "mining_seconds")
 # Settings a checkpoint must share with the run that resumes it: they shape the trajectory.
 RESUME_KEYS = (
     "corpus", "queries", "qrels", "pairs", "dev_fraction", "queries_per_passage",
     "max_generated_passages", "num_negatives", "num_easy_negatives", "pair_min_score", "teacher",
     "teacher_mode", "student", "backbone_layers", "iem_cosine_skip", "frozen_backbone",
-    "tune_top_layers", "lora_r", "lora_alpha", "lora_dropout",
+    "tune_top_layers", "student_negatives", "student_negatives_depth", "lora_r", "lora_alpha",
+    "lora_dropout",
     "pma_heads", "iem_hidden_size", "max_query_length", "max_passage_length", "batch_size",
     "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "losses",
 )
@@ -102,16 +105,20 @@ class DistillationModel(nn.Module):
         size, listed = len(batch), len(batch.candidate_texts[0])
         easy = len(batch.easy_texts[0]) if batch.easy_texts else 0
         queries = encode_distinct(self.encoder, batch.queries, "query", self.chunk)
+        mined = len(batch.mined_texts[0]) if batch.mined_texts else 0
         passages = [t for row in batch.candidate_texts for t in row]
         passages += [t for row in batch.easy_texts for t in row]
+        passages += [t for row in batch.mined_texts for t in row]
         vectors = encode_distinct(self.encoder, passages, "passage", self.chunk)
         candidates = vectors[:size * listed].view(size, listed, -1)
-        easy_vectors = vectors[size * listed:].view(size, easy, -1) if easy else None
+        end = size * (listed + easy)
+        easy_vectors = vectors[size * listed:end].view(size, easy, -1) if easy else None
+        mined_vectors = vectors[end:].view(size, mined, -1) if mined else None
         return self.loss(
             self.student.iem, queries, candidates, batch.tasks, batch.teacher_logits,
             batch.teacher_probs, teacher_cosines=batch.teacher_cosines,
             easy_vectors=easy_vectors, easy_probs=batch.easy_probs if easy else None,
-            false_negatives=batch.false_negatives,
+            false_negatives=batch.false_negatives, mined_vectors=mined_vectors,
         )
 
 
@@ -203,7 +210,10 @@ def read_checkpoint_state(path: Path, config: DistillConfig) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} was written by another version "
                               f"({state.get('format')!r}): run without --resume to start over")
     saved, current = state.get("config", {}), config.to_dict()
-    changed = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
+    # a setting added after the checkpoint was written had its default then
+    defaults = {f.name: f.default for f in dataclass_fields(DistillConfig)}
+    changed = [key for key in RESUME_KEYS
+               if saved.get(key, defaults.get(key)) != current.get(key)]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
         raise ConfigError(
@@ -227,6 +237,7 @@ class TrainingResult:
     resumed_from_step: int | None
     examples: int
     history: list[dict[str, float]] = field(default_factory=list)
+    mining_seconds: float = 0.0
 
 
 class DistillationTrainer:
@@ -286,6 +297,8 @@ class DistillationTrainer:
         queries = [e.query for e in self.examples] + [i.text for i in self.dev_items]
         passages = {pid for e in self.examples for pid in (*e.candidate_ids, *e.easy_ids)}
         passages |= {pid for i in self.dev_items for pid in i.positive_ids + i.hard_negative_ids}
+        if self.config.student_negatives:
+            passages |= set(self.texts)  # the student searches the whole corpus for them
         with self.accelerator.main_process_first():
             self.token_cache.ensure(queries, "query")
             self.token_cache.ensure(sorted(self.texts[pid] for pid in passages), "passage")
@@ -304,7 +317,8 @@ class DistillationTrainer:
         warmup_steps = int(total_steps * config.warmup_ratio)
         state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_metric": None,
                                  "best_step": None, "bad_evals": 0, "history": [],
-                                 "warmup_steps": warmup_steps, "resumed_from_step": None}
+                                 "warmup_steps": warmup_steps, "resumed_from_step": None,
+                                 "mined": None, "mined_epoch": None, "mining_seconds": 0.0}
         best_state: dict[str, torch.Tensor] | None = None
         if resume_from is not None:
             saved = read_checkpoint_state(resume_from, config)
@@ -312,6 +326,7 @@ class DistillationTrainer:
             state.update({k: saved[k] for k in ("step", "epoch", "batch", "best_metric",
                                                 "best_step", "bad_evals", "history",
                                                 "warmup_steps")})
+            state.update({k: saved.get(k, state[k]) for k in MINING_STATE_KEYS})
             state["resumed_from_step"] = saved["step"]
             logger.info("resuming from %s (step %d)", resume_from, saved["step"])
         elif accelerator.is_main_process and self.root.exists():
@@ -333,6 +348,7 @@ class DistillationTrainer:
         updating = False
         try:
             while state["epoch"] < config.epochs and not self._done(state, total_steps):
+                self._student_negatives(state)
                 loader = self._loader(state["epoch"])
                 skip = state["batch"]
                 if skip:
@@ -427,8 +443,60 @@ class DistillationTrainer:
             best_step=state["best_step"], best_metric=state["best_metric"],
             seconds_per_step=(sum(step_seconds) / len(step_seconds)) if step_seconds else None,
             resumed_from_step=state["resumed_from_step"], examples=len(self.examples),
-            history=state["history"],
+            history=state["history"], mining_seconds=round(state["mining_seconds"], 3),
         )
+
+    def _student_negatives(self, state: dict[str, Any]) -> None:
+        """Give every example this epoch's ``--student-negatives`` (none in the first epoch).
+
+        From the second epoch on, the student (as trained so far) embeds the whole corpus and
+        each training query draws its negatives from its own nearest passages. They are kept
+        in the checkpoint, so a resumed epoch uses the same ones.
+        """
+        count = self.config.student_negatives
+        if not count or state["epoch"] < 1:
+            return
+        if state["mined_epoch"] != state["epoch"] or state["mined"] is None:
+            started = time.perf_counter()
+            mined = self._mine(state["epoch"]) if self.accelerator.is_main_process else None
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                mined = broadcast_object_list([mined], from_process=0)[0]
+            seconds = time.perf_counter() - started
+            state.update(mined=mined, mined_epoch=state["epoch"])
+            state["mining_seconds"] += seconds
+            logger.info("epoch %d: mined %d negatives per query with the student (%.1f s)",
+                        state["epoch"], count, seconds)
+        for example in self.examples:
+            example.mined_ids = list(state["mined"][example.query_id])
+
+    def _mine(self, epoch: int) -> dict[str, list[str]]:
+        from llama_index_d2llm.trainer.mining import mine_with_vectors
+
+        chunk = self.config.encode_batch_size
+        by_query: dict[str, tuple[str, set[str]]] = {}
+        for example in self.examples:
+            text, banned = by_query.setdefault(example.query_id, (example.query, set()))
+            banned |= set(example.relevant_ids) | set(example.candidate_ids)
+        query_ids = sorted(by_query)
+        passage_ids = sorted(self.texts)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                queries = encode_distinct(self.encoder, [by_query[q][0] for q in query_ids],
+                                          "query", chunk)
+                passages = encode_distinct(self.encoder, [self.texts[p] for p in passage_ids],
+                                           "passage", chunk)
+        finally:
+            self.student.train(was_training)
+        mined = mine_with_vectors(queries, passages, passage_ids,
+                                  [by_query[q][1] for q in query_ids],
+                                  count=self.config.student_negatives,
+                                  depth=self.config.student_negatives_depth,
+                                  seed=f"{self.config.seed}:{epoch}")
+        return dict(zip(query_ids, mined, strict=True))
 
     def _dev_metrics(self) -> dict[str, float]:
         """Dev metrics, the main process's for all: every process must stop at the same step."""
@@ -488,6 +556,7 @@ class DistillationTrainer:
                 "format": STATE_FORMAT, **{k: state[k] for k in (
                     "step", "epoch", "batch", "best_metric", "best_step", "bad_evals",
                     "history", "warmup_steps")},
+                **{k: state[k] for k in MINING_STATE_KEYS},
                 "param_groups": [{k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in group.items()}
                                  for group in optimizer_state["param_groups"]],

@@ -95,16 +95,20 @@ class D2LLMDistillationLoss(nn.Module):
         easy_vectors: torch.Tensor | None = None,
         easy_probs: torch.Tensor | None = None,
         false_negatives: torch.Tensor | None = None,
+        mined_vectors: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Shapes: queries ``(B, d)``, candidates ``(B, 1 + H, d)`` [positive, hard negatives],
         teacher logits/probs ``(B, 1 + H)``, teacher cosines ``(B, 1 + H, 1 + H)``, easy
         negatives ``(B, E, d)`` with teacher probs ``(B, E)``, ``false_negatives`` ``(B, B)``
-        True where another example's positive is relevant to this query."""
+        True where another example's positive is relevant to this query; ``mined_vectors``
+        ``(B, N, d)`` the queries' mined negatives (judgement-labelled, no teacher score),
+        extra negatives of the in-batch and vector terms."""
         w = self.weights
         batch = query_vectors.shape[0]
         positives = candidate_vectors[:, 0]
         device = query_vectors.device
-        features = logits = easy_logits = in_batch_logits = None
+        features = logits = easy_logits = in_batch_logits = mined_logits = None
+        mined = mined_vectors if mined_vectors is not None and mined_vectors.shape[1] else None
         need_easy = (w.pairwise_rank > 0 and easy_vectors is not None and easy_probs is not None
                      and easy_vectors.shape[1] > 0)
         for task, index in _task_groups(tasks).items():
@@ -124,11 +128,15 @@ class D2LLMDistillationLoss(nn.Module):
                 if in_batch_logits is None:
                     in_batch_logits = query_vectors.new_zeros((batch, batch))
                 in_batch_logits[index] = iem(queries, positives, task)
+                if mined is not None:
+                    if mined_logits is None:
+                        mined_logits = query_vectors.new_zeros(mined.shape[:2])
+                    mined_logits[index] = iem(queries, mined[index], task)
 
         terms: dict[str, torch.Tensor] = {}
         if w.in_batch > 0:
             terms["in_batch"] = in_batch_loss(in_batch_logits, false_negatives,
-                                              w.temperature_in_batch)
+                                              w.temperature_in_batch, mined_logits)
         if w.contrastive_imitation > 0:
             terms["contrastive_imitation"] = contrastive_imitation_loss(
                 logits, teacher_probs, w.temperature_contrastive)
@@ -142,7 +150,7 @@ class D2LLMDistillationLoss(nn.Module):
         if w.vector > 0:
             terms["vector"] = vector_contrastive_loss(query_vectors, candidate_vectors,
                                                       teacher_probs, false_negatives,
-                                                      w.temperature_vector)
+                                                      w.temperature_vector, mined)
         if not terms:
             raise ValueError("every loss weight is 0: enable at least one loss")
         total = sum(getattr(w, name) * value for name, value in terms.items())
