@@ -85,12 +85,11 @@ def run_command(command: list[str], log: Path) -> float:
 def save_summary(work: Path, updates: dict) -> None:
     """Merge ``updates`` into WORK/summary.json, re-read first: runs of other variants (even
     concurrent ones) keep their entries."""
+    from llama_index_d2llm.trainer.cache import atomic_write_json
+
     path = work / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.update(updates)
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(summary, indent=2) + "\n")
-    temp.replace(path)
+    atomic_write_json(path, summary | updates)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -158,16 +158,18 @@ def mine_with_vectors(query_vectors: torch.Tensor, passage_vectors: torch.Tensor
         raise ValueError(f"{len(query_vectors)} query vectors but {len(exclude)} exclude sets")
     passages = torch.nn.functional.normalize(passage_vectors.float(), dim=-1)
     queries = torch.nn.functional.normalize(query_vectors.float(), dim=-1)
+    scores = queries @ passages.T
+    known = set(passage_ids)
     mined: list[list[str]] = []
     for row, banned in enumerate(exclude):
-        free = len(passage_ids) - len(banned & set(passage_ids))
-        if free < count:
-            raise CorpusError(f"only {free} passages are not already used by a query, too few "
-                              f"to mine {count} negatives from: lower --student-negatives or "
-                              "add documents")
-        order = (passages @ queries[row]).argsort(descending=True).tolist()
-        ranked = [passage_ids[i] for i in order if passage_ids[i] not in banned]
-        pool = ranked[:max(depth, count)]
+        banned = banned & known
+        if len(known) - len(banned) < count:
+            raise CorpusError(f"only {len(known) - len(banned)} passages are not already used "
+                              f"by a query, too few to mine {count} negatives from: lower "
+                              "--student-negatives or add documents")
+        # at most len(banned) of the nearest are excluded: this many always leave `depth`
+        nearest = scores[row].topk(min(len(passage_ids), depth + len(banned))).indices.tolist()
+        pool = [passage_ids[i] for i in nearest if passage_ids[i] not in banned][:depth]
         rng = random.Random(f"{seed}:{row}")
         mined.append(rng.sample(pool, count))
     return mined

@@ -477,7 +477,7 @@ class DistillationTrainer:
         chunk = self.config.encode_batch_size
         by_query: dict[str, tuple[str, set[str]]] = {}
         for example in self.examples:
-            text, banned = by_query.setdefault(example.query_id, (example.query, set()))
+            banned = by_query.setdefault(example.query_id, (example.query, set()))[1]
             banned |= set(example.relevant_ids) | set(example.candidate_ids)
         query_ids = sorted(by_query)
         passage_ids = sorted(self.texts)
