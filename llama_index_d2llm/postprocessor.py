@@ -64,12 +64,20 @@ def _embedding_strs(query_bundle: QueryBundle) -> list[str]:
 
 def rank_by_iem(embed_model: D2LLMEmbedding, query: Sequence[float],
                 nodes: Sequence[NodeWithScore], vectors: Sequence[Sequence[float]], task: Task,
-                top_n: int, keep_retrieval_score: bool) -> list[NodeWithScore]:
-    """Nodes rescored with IEM logits, best first, cut to ``top_n``.
+                top_n: int, keep_retrieval_score: bool, first_stage: str = "dense"
+                ) -> list[NodeWithScore]:
+    """Nodes (given in first-stage order, best first) rescored, best first, cut to ``top_n``.
 
-    The first-stage score goes into metadata (hidden from the LLM and embed text) when asked.
+    The score is the IEM's ranking blended with the first stage's by the weight the student
+    recorded for that first stage (``student/blend.py``). The first-stage score goes into
+    metadata (hidden from the LLM and embed text) when asked.
     """
-    logits = embed_model.student.score(query, vectors, task=task).tolist()
+    # first-stage order from the first-stage scores (a postprocessor may get them shuffled)
+    order = sorted(range(len(nodes)), key=lambda i: -(nodes[i].score or 0.0))
+    nodes = [nodes[i] for i in order]
+    vectors = [vectors[i] for i in order]
+    logits = embed_model.student.rescore(query, vectors, first_stage=first_stage,
+                                         task=task).tolist()
     rescored = []
     for hit, logit in zip(nodes, logits, strict=True):
         if keep_retrieval_score:

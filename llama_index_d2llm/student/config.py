@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from llama_index_d2llm.student.blend import check_weights
 from llama_index_d2llm.student.errors import CheckpointError
 
 #: Version of the on-disk layout; a directory written with another version is refused.
@@ -60,6 +61,9 @@ class D2LLMConfig:
     query_instruction: str = "Query: "
     passage_instruction: str = "Passage: "
     normalize: bool = True
+    #: Trust in the IEM over each first stage ("dense", "hybrid"), 0..1, chosen on dev by the
+    #: distiller (student/blend.py); a stage missing here is rescored by the IEM alone (1).
+    iem_weights: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     fingerprint: str | None = None
@@ -73,6 +77,7 @@ class D2LLMConfig:
             raise ValueError("backbone_layers must be a positive number of layers or None")
         if self.max_query_length < 1 or self.max_passage_length < 1:
             raise ValueError("max_query_length and max_passage_length must be positive")
+        self.iem_weights = check_weights(dict(self.iem_weights or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

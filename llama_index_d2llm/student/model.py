@@ -30,6 +30,7 @@ from llama_index_d2llm.student.backbone import (
     resolve_dtype,
     truncate_layers,
 )
+from llama_index_d2llm.student.blend import blend_ranks, check_first_stage
 from llama_index_d2llm.student.config import (
     ADAPTER_DIR,
     CONFIG_NAME,
@@ -349,6 +350,25 @@ class D2LLMStudent(nn.Module):
             return torch.empty(passages.shape[:-1] if passages.dim() > 1 else (0,))
         with torch.inference_mode():
             return self.iem(queries, passages, task).float().cpu()
+
+    def iem_weight(self, first_stage: str = "dense") -> float:
+        """How far the IEM is trusted over this first stage (``blend.py``; 1 if unrecorded)."""
+        return self.config.iem_weights.get(check_first_stage(first_stage), 1.0)
+
+    def rescore(self, query_vector: VectorsLike, passage_vectors: VectorsLike,
+                first_stage: str = "dense", task: Task = "asymmetric",
+                weight: float | None = None) -> torch.Tensor:
+        """Final scores of first-stage candidates, given best first: the IEM's ranking blended
+        with the first stage's by the weight recorded for that stage (or ``weight``).
+
+        ``(N,)`` for one query, ``(Q, N)`` for ``(Q, N, d)`` passage lists. Higher is better.
+        With weight 1 these are the IEM logits themselves.
+        """
+        logits = self.score(query_vector, passage_vectors, task=task)
+        weight = self.iem_weight(first_stage) if weight is None else weight
+        if logits.shape[-1] == 0 or weight == 1.0:
+            return logits
+        return blend_ranks(logits, weight).float()
 
     # ------------------------------------------------------------------ saving
     def merge_lora(self) -> None:
