@@ -130,3 +130,19 @@ def test_vector_mining_draws_from_the_nearest_non_excluded_passages():
                           seed="s")
     with pytest.raises(ValueError, match="count"):
         mine_with_vectors(queries, passages, ids, exclude, count=3, depth=2, seed="s")
+
+
+def test_hybrid_vector_mining_draws_from_the_fused_dense_and_lexical_order():
+    import torch
+
+    passages = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [-1.0, 0.0]])
+    ids = ["p0", "p1", "p2", "p3", "p4"]
+    queries = torch.tensor([[1.0, 0.0]])
+    # dense top 3: p0 p1 p2; BM25: p4 p3 p1. Fused: p1 (1/62 + 1/63), then p0 and p4 (1/61
+    # each), p3 (1/62), p2 (1/63); p0 is excluded, so the top 2 are p1 and p4
+    lexical = [["p4", "p3", "p1"]]
+    mined = mine_with_vectors(queries, passages, ids, [{"p0"}], count=2, depth=2, seed="s",
+                              lexical=lexical)
+    dense = mine_with_vectors(queries, passages, ids, [{"p0"}], count=2, depth=2, seed="s")
+    assert sorted(dense[0]) == ["p1", "p2"]
+    assert sorted(mined[0]) == ["p1", "p4"]

@@ -332,3 +332,44 @@ def test_top_layer_lora_trains_on_cached_lower_states(tmp_path, beir, tiny_backb
     with pytest.raises(ConfigError, match="leaves nothing frozen"):
         distill(make_config(tmp_path, beir, tiny_backbone, tune_top_layers=2),
                 teacher=OverlapTeacher())
+
+
+def test_the_distiller_records_iem_weights_chosen_on_a_whole_corpus_dev_ranking(
+        tmp_path, beir, tiny_backbone):
+    config = make_config(tmp_path, beir, tiny_backbone, epochs=2, dev_fraction=0.25)
+    output = distill(config, teacher=OverlapTeacher())
+    student = D2LLMStudent.from_pretrained(output, dtype="float32")
+    summary = json.loads((output / "training_summary.json").read_text())
+    dev = summary["training"]["dev"]
+    assert set(student.config.iem_weights) == {"dense", "hybrid"}
+    for stage in ("dense", "hybrid"):
+        assert student.config.iem_weights[stage] == dev[f"iem_weight_{stage}"]
+        # the recorded weight is the best on dev: never below the first stage alone (weight 0)
+        assert dev[f"dev_{stage}_blend_ndcg@10"] >= dev[f"dev_{stage}_ndcg@10"] - 1e-9
+        assert dev[f"dev_{stage}_blend_ndcg@10"] >= dev[f"dev_{stage}_iem_ndcg@10"] - 1e-9
+    history = summary["training"]["history"]
+    assert history and all("dev_ndcg@10" in entry for entry in history)
+
+
+def test_without_a_teacher_the_judgements_label_the_pairs(tmp_path, beir, tiny_backbone,
+                                                          monkeypatch):
+    import llama_index_d2llm.trainer.distill as distill_module
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("--teacher none must not load a teacher")
+
+    monkeypatch.setattr(distill_module, "_load_teacher", no_teacher)
+    config = make_config(tmp_path, beir, tiny_backbone, teacher="none", epochs=2)
+    resolved = resolve_config(config)
+    assert resolved.losses.contrastive_imitation == 0 and resolved.losses.rank_imitation == 0
+    assert resolved.losses.pairwise_rank == 0 and resolved.losses.feature_imitation == 0
+    data = prepare_data(resolved)
+    for example in data.examples:
+        assert example.teacher_probs.tolist() == [1.0] + [0.0] * (len(example.candidate_ids) - 1)
+    output = distill(config)
+    assert D2LLMStudent.from_pretrained(output, dtype="float32").config.iem_weights
+
+
+def test_no_teacher_needs_judged_queries(tmp_path, beir, tiny_backbone):
+    with pytest.raises(ConfigError, match="--teacher none"):
+        make_config(tmp_path, beir, tiny_backbone, teacher="none", queries=None, qrels=None)

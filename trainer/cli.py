@@ -70,11 +70,16 @@ _DATA_OPTIONS = [
      "caches the states of every passage. 0: none."),
     ("--student-negatives-depth", "student_negatives_depth", int, "Draw those negatives from "
      "this many nearest non-relevant passages."),
+    ("--student-negatives-from", "student_negatives_from", str, "Which search finds them: "
+     "'dense' (the student's cosine) or 'hybrid' (its cosine fused with BM25 by reciprocal "
+     "rank, what a hybrid retriever hands the IEM)."),
     ("--pair-min-score", "pair_min_score", float, "Pairs scored at least this (scores in [0, 1]; "
      "STS 0-5 is divided by 5) are positives; lower-scored pairs become hard negatives."),
 ]
 _TEACHER_OPTIONS = [
-    ("--teacher", "teacher", str, "Teacher LLM: a local directory or a locally cached hub id."),
+    ("--teacher", "teacher", str, "Teacher LLM: a local directory or a locally cached hub id; "
+     "'none' trains on the judgements of --queries/--qrels alone (no teacher cost, imitation "
+     "losses off)."),
     ("--teacher-mode", "teacher_mode", str, "How the teacher judges a pair: 'yesno' (the paper's "
      "prompt; needs an instruction-tuned model), 'query-likelihood' (works with base models) "
      "or 'auto' (yesno when the tokenizer has a chat template)."),
@@ -122,7 +127,8 @@ _TRAINING_OPTIONS = [
      "(also at the end, at early stopping and on Ctrl-C)."),
     ("--eval-every", "eval_every", int, "Dev evaluation every N steps, besides each epoch's end."),
     ("--patience", "patience", int, "Stop after this many dev evaluations without a better "
-     "dev nDCG@10 (the mean of the IEM's and the vectors'); the best weights are kept."),
+     "dev nDCG@10 (each dev query searches the whole corpus, dense and hybrid, with the IEM "
+     "blended at its best weight; the mean of both); the best weights are kept."),
     ("--encode-batch-size", "encode_batch_size", int, "Texts per backbone forward pass when "
      "caching token states and embedding."),
 ]

@@ -20,6 +20,10 @@ DISTILL_CONFIG_NAME = "distill_config.json"
 TEACHER_MODES = ("auto", "yesno", "query-likelihood")
 
 
+#: ``--teacher none``: train on the relevance judgements alone (no teacher LLM is loaded).
+NO_TEACHER = "none"
+
+
 class ConfigError(D2LLMError, ValueError):
     """A distillation setting is invalid; the message names the option and a valid value."""
 
@@ -48,6 +52,7 @@ class DistillConfig:
     pair_min_score: float = 0.8
     student_negatives: int | None = None
     student_negatives_depth: int = 50
+    student_negatives_from: str = "dense"
     # teacher
     teacher: str | None = None
     teacher_mode: str = "auto"
@@ -109,6 +114,9 @@ class DistillConfig:
         if self.student_negatives is not None and self.student_negatives < 0:
             raise ConfigError(f"--student-negatives must be >= 0 (0: none), got "
                               f"{self.student_negatives}")
+        if self.student_negatives_from not in ("dense", "hybrid"):
+            raise ConfigError("--student-negatives-from must be 'dense' or 'hybrid', got "
+                              f"{self.student_negatives_from!r}")
         if self.student_negatives and self.student_negatives_depth < self.student_negatives:
             raise ConfigError(f"--student-negatives-depth ({self.student_negatives_depth}) must "
                               f"be at least --student-negatives ({self.student_negatives}): "
@@ -131,6 +139,9 @@ class DistillConfig:
         if (self.queries is None) != (self.qrels is None):
             raise ConfigError("--queries and --qrels go together: the judgements say which "
                               "passages answer each query (or pass neither to generate queries)")
+        if self.teacher == NO_TEACHER and self.corpus is not None and self.queries is None:
+            raise ConfigError("--teacher none trains on judgements alone, and there are none: "
+                              "pass --queries and --qrels, or name a teacher to write queries")
         if self.queries is not None and self.corpus is None:
             raise ConfigError("--queries needs --corpus: the passages the queries are judged on")
 

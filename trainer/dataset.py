@@ -284,14 +284,19 @@ def sample_easy_negatives(items: Sequence[RankingItem], count: int, seed: int
 
 
 # ---------------------------------------------------------------------------- teacher scores
-def build_examples(items: Sequence[RankingItem], texts: dict[str, str], teacher: Teacher, *,
-                   num_easy_negatives: int, seed: int, with_features: bool = True,
-                   show_progress: bool = True) -> list[TrainingExample]:
+#: Logit of a judged pair when no teacher scores it (sigmoid(4) = 0.98).
+LABEL_LOGIT = 4.0
+
+def build_examples(items: Sequence[RankingItem], texts: dict[str, str],
+                   teacher: Teacher | None, *, num_easy_negatives: int, seed: int,
+                   with_features: bool = True, show_progress: bool = True
+                   ) -> list[TrainingExample]:
     """Score every (query, candidate) pair with the teacher and assemble the examples.
 
     One example per (query, positive). The teacher scores each distinct pair once (and caches
     it on disk); only the cosine matrix of its features over each example's list is kept,
-    which is all feature imitation needs.
+    which is all feature imitation needs. With no teacher (``--teacher none``) the judgements
+    label the pairs: probability 1 for a positive, 0 otherwise (logit +-``LABEL_LOGIT``).
     """
     easy = sample_easy_negatives(items, num_easy_negatives, seed)
     wanted: dict[str, dict[tuple[str, str], int]] = {}
@@ -303,6 +308,12 @@ def build_examples(items: Sequence[RankingItem], texts: dict[str, str], teacher:
     item_texts = {item.id: item.text for item in items}
     for task, pairs in wanted.items():
         keys = list(pairs)
+        if teacher is None:
+            positives = {(item.id, pid) for item in items for pid in item.positive_ids}
+            for key in keys:
+                label = 1.0 if key in positives else 0.0
+                scores[key] = ((2 * label - 1) * LABEL_LOGIT, label, None)
+            continue
         result = teacher.score([item_texts[q] for q, _ in keys], [texts[p] for _, p in keys],
                                task=task, show_progress=show_progress)
         features = result.features if with_features else None

@@ -33,7 +33,12 @@ from llama_index_d2llm.student.backbone import (
 )
 from llama_index_d2llm.student.config import CONFIG_NAME
 from llama_index_d2llm.student.model import replace_directory
-from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
+from llama_index_d2llm.trainer.config import (
+    DISTILL_CONFIG_NAME,
+    NO_TEACHER,
+    ConfigError,
+    DistillConfig,
+)
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage, load_corpus
 from llama_index_d2llm.trainer.dataset import (
     RankingItem,
@@ -80,6 +85,14 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
         # other chunks of its document: relevant but unjudged, so not safe to mine
         config.student_negatives = (DEFAULT_STUDENT_NEGATIVES if config.queries is not None
                                     else 0)
+    if config.teacher == NO_TEACHER:
+        imitation = ("contrastive_imitation", "rank_imitation", "pairwise_rank",
+                     "feature_imitation")
+        if any(getattr(config.losses, name) for name in imitation):
+            logger.info("--teacher none: the imitation losses are off; the judgements label "
+                        "every pair")
+        for name in imitation:
+            setattr(config.losses, name, 0.0)
     if config.frozen_backbone is None:
         device = resolve_device(config.device)
         config.frozen_backbone = device.type == "cpu"
@@ -123,7 +136,7 @@ def prepare_data(config: DistillConfig, *, teacher: Any = None,
     passages, queries, pairs = _load_inputs(config)
     timings["load_s"] = time.perf_counter() - start
     owns_teacher = teacher is None
-    if teacher is None:
+    if teacher is None and config.teacher != NO_TEACHER:
         teacher = _load_teacher(config, device or resolve_device(config.device))
     try:
         if passages and queries is None:

@@ -140,10 +140,24 @@ def mine_hard_negatives(queries: list[Query], passages: list[Passage], *, num_ne
     return negatives
 
 
+def _fused_order(*rankings: Sequence[str], constant: int = 60) -> list[str]:
+    """Ids of several rankings ordered by reciprocal rank fusion (ties: first seen first)."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, pid in enumerate(ranking, start=1):
+            scores[pid] = scores.get(pid, 0.0) + 1.0 / (constant + rank)
+    return sorted(scores, key=lambda pid: -scores[pid])
+
+
 def mine_with_vectors(query_vectors: torch.Tensor, passage_vectors: torch.Tensor,
                       passage_ids: Sequence[str], exclude: Sequence[set[str]], *, count: int,
-                      depth: int, seed: str) -> list[list[str]]:
+                      depth: int, seed: str,
+                      lexical: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
     """Per query, ``count`` passages drawn from its ``depth`` nearest by cosine, none excluded.
+
+    With ``lexical`` (per query, passage ids in BM25's order), "nearest" is the hybrid order
+    instead: cosine and BM25 ranks fused by reciprocal rank (``1/(60 + rank)`` summed), the
+    candidates a hybrid retriever hands the IEM.
 
     The student's own first-stage mistakes (as in ANCE): what a vector search will return and
     the IEM must reorder, unlike BM25's look-alikes. Drawn at random from the top ``depth``
@@ -169,7 +183,10 @@ def mine_with_vectors(query_vectors: torch.Tensor, passage_vectors: torch.Tensor
                               "--student-negatives or add documents")
         # at most len(banned) of the nearest are excluded: this many always leave `depth`
         nearest = scores[row].topk(min(len(passage_ids), depth + len(banned))).indices.tolist()
-        pool = [passage_ids[i] for i in nearest if passage_ids[i] not in banned][:depth]
+        ranked = [passage_ids[i] for i in nearest]
+        if lexical is not None:
+            ranked = _fused_order(ranked, lexical[row])
+        pool = [pid for pid in ranked if pid not in banned][:depth]
         rng = random.Random(f"{seed}:{row}")
         mined.append(rng.sample(pool, count))
     return mined

@@ -37,6 +37,12 @@ from llama_index_d2llm.student import D2LLMStudent
 from llama_index_d2llm.student.errors import CheckpointError
 from llama_index_d2llm.trainer.config import ConfigError, DistillConfig
 from llama_index_d2llm.trainer.dataset import Collator, RankingItem, TrainingBatch, TrainingExample
+from llama_index_d2llm.trainer.dev_ranking import (
+    DEV_METRIC,
+    DevRanking,
+    format_report,
+    weights_from,
+)
 from llama_index_d2llm.trainer.evaluation import evaluate_run
 from llama_index_d2llm.trainer.losses import D2LLMDistillationLoss
 from llama_index_d2llm.trainer.token_states import TokenStateCache
@@ -49,9 +55,9 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 BEST_NAME = "best.safetensors"
 STUDENT_DIR = "student"
 STATE_FORMAT = "d2llm-trainer-state-v1"
-# Both halves of search count: the vectors find the candidates, the IEM orders them. On SciFact
-# the vectors' dev nDCG kept rising after the IEM's had peaked.
-EARLY_STOPPING_METRIC = "dev_mean_ndcg@10"
+# Without a corpus search to measure (symmetric pairs only): both halves of the candidate-list
+# figure, the vectors' and the IEM's. With one: the whole-corpus figure (dev_ranking.py).
+CANDIDATE_LIST_METRIC = "dev_mean_ndcg@10"
 KEEP_CHECKPOINTS = 2
 MINING_STATE_KEYS = ("mined", "mined_epoch", "mining_seconds")
 # Settings a checkpoint must share with the run that resumes it: they shape the trajectory.
@@ -59,7 +65,8 @@ RESUME_KEYS = (
     "corpus", "queries", "qrels", "pairs", "dev_fraction", "queries_per_passage",
     "max_generated_passages", "num_negatives", "num_easy_negatives", "pair_min_score", "teacher",
     "teacher_mode", "student", "backbone_layers", "iem_cosine_skip", "frozen_backbone",
-    "tune_top_layers", "student_negatives", "student_negatives_depth", "lora_r", "lora_alpha",
+    "tune_top_layers", "student_negatives", "student_negatives_depth", "student_negatives_from",
+    "lora_r", "lora_alpha",
     "lora_dropout",
     "pma_heads", "iem_hidden_size", "max_query_length", "max_passage_length", "batch_size",
     "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "losses",
@@ -238,6 +245,8 @@ class TrainingResult:
     examples: int
     history: list[dict[str, float]] = field(default_factory=list)
     mining_seconds: float = 0.0
+    #: The whole-corpus dev figures of the kept weights (and the IEM weights they chose).
+    dev: dict[str, float] = field(default_factory=dict)
 
 
 class DistillationTrainer:
@@ -255,6 +264,8 @@ class DistillationTrainer:
         self.examples = list(examples)
         self.texts = texts
         self.dev_items = list(dev_items)
+        self.dev_ranking = DevRanking.build(self.dev_items, texts, config.seed)
+        self.stopping_metric = DEV_METRIC if self.dev_ranking else CANDIDATE_LIST_METRIC
         self.token_cache = token_cache
         self.step_callback = step_callback
         self.accelerator = accelerator or make_accelerator(config)
@@ -269,6 +280,7 @@ class DistillationTrainer:
                                        self.encoder, config.encode_batch_size)
         self.root = checkpoint_root(config)
         self._rng_snapshot = _rng_state()
+        self._lexical: tuple[list[str], list[list[str]]] | None = None
 
     # ------------------------------------------------------------------ setup
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -299,6 +311,8 @@ class DistillationTrainer:
         passages |= {pid for i in self.dev_items for pid in i.positive_ids + i.hard_negative_ids}
         if self.config.student_negatives:
             passages |= set(self.texts)  # the student searches the whole corpus for them
+        if self.dev_ranking is not None:
+            passages |= set(self.dev_ranking.passage_ids)
         with self.accelerator.main_process_first():
             self.token_cache.ensure(queries, "query")
             self.token_cache.ensure(sorted(self.texts[pid] for pid in passages), "passage")
@@ -395,7 +409,7 @@ class DistillationTrainer:
                     if evaluate:
                         metrics = self._dev_metrics()
                         logs.update(metrics)
-                        score = metrics[EARLY_STOPPING_METRIC]
+                        score = metrics[self.stopping_metric]
                         if state["best_metric"] is None or score > state["best_metric"]:
                             state.update(best_metric=score, best_step=state["step"], bad_evals=0)
                             best_state = self._trainable_state()
@@ -419,7 +433,7 @@ class DistillationTrainer:
                 if stopped_early:
                     logger.info("early stopping at step %d: %s did not improve for %d "
                                 "evaluations (best %.4f at step %d)", state["step"],
-                                EARLY_STOPPING_METRIC, config.patience, state["best_metric"],
+                                self.stopping_metric, config.patience, state["best_metric"],
                                 state["best_step"])
                     break
         except KeyboardInterrupt:
@@ -434,9 +448,10 @@ class DistillationTrainer:
                 progress.close()
         if best_state is not None and state["best_step"] != state["step"]:
             logger.info("restoring the best dev weights (step %d, %s %.4f)", state["best_step"],
-                        EARLY_STOPPING_METRIC, state["best_metric"])
+                        self.stopping_metric, state["best_metric"])
             self._load_trainable_state(best_state)
         self.student.eval()
+        dev = self._record_iem_weights()
         completed = state["epoch"] + state["batch"] / max(batches_per_epoch, 1)
         return TrainingResult(
             steps=state["step"], epochs=round(completed, 4), stopped_early=stopped_early,
@@ -444,7 +459,21 @@ class DistillationTrainer:
             seconds_per_step=(sum(step_seconds) / len(step_seconds)) if step_seconds else None,
             resumed_from_step=state["resumed_from_step"], examples=len(self.examples),
             history=state["history"], mining_seconds=round(state["mining_seconds"], 3),
+            dev=dev,
         )
+
+    def _record_iem_weights(self) -> dict[str, float]:
+        """Measure the kept weights on the whole-corpus dev ranking and record in the student
+        how far to trust its IEM over each first stage (``student/blend.py``)."""
+        if self.dev_ranking is None:
+            logger.warning("no dev queries to measure the IEM on: the student rescores with the "
+                           "IEM alone; hold some queries out (--dev-fraction) to let the "
+                           "distiller choose how far to trust it")
+            return {}
+        metrics = self._dev_metrics()
+        self.student.config.iem_weights = weights_from(metrics)
+        logger.info("%s", format_report(metrics))
+        return metrics
 
     def _student_negatives(self, state: dict[str, Any]) -> None:
         """Give every example this epoch's ``--student-negatives`` (none in the first epoch).
@@ -491,17 +520,39 @@ class DistillationTrainer:
                                            "passage", chunk)
         finally:
             self.student.train(was_training)
+        lexical = None
+        if self.config.student_negatives_from == "hybrid":
+            lexical = self._lexical_rankings(query_ids, [by_query[q][0] for q in query_ids],
+                                             passage_ids)
         mined = mine_with_vectors(queries, passages, passage_ids,
                                   [by_query[q][1] for q in query_ids],
                                   count=self.config.student_negatives,
                                   depth=self.config.student_negatives_depth,
-                                  seed=f"{self.config.seed}:{epoch}")
+                                  seed=f"{self.config.seed}:{epoch}", lexical=lexical)
         return dict(zip(query_ids, mined, strict=True))
+
+    def _lexical_rankings(self, query_ids: list[str], texts: list[str],
+                          passage_ids: list[str]) -> list[list[str]]:
+        """BM25's ranking of the corpus for each training query (computed once per run)."""
+        from llama_index_d2llm.trainer.corpus import Passage
+        from llama_index_d2llm.trainer.mining import BM25Index
+
+        cached = self._lexical
+        if cached is None or cached[0] != query_ids:
+            index = BM25Index([Passage(id=pid, text=self.texts[pid]) for pid in passage_ids])
+            depth = 2 * self.config.student_negatives_depth
+            ranked = [[pid for pid, _ in index.search(text, depth)] for text in texts]
+            self._lexical = cached = (query_ids, ranked)
+        return cached[1]
 
     def _dev_metrics(self) -> dict[str, float]:
         """Dev metrics, the main process's for all: every process must stop at the same step."""
-        metrics = dev_metrics(self.student, self.encoder, self.dev_items, self.texts,
-                              self.config.encode_batch_size)
+        if self.dev_ranking is not None:
+            metrics = self.dev_ranking.evaluate(self.student, self.encoder,
+                                                self.config.encode_batch_size)
+        else:
+            metrics = dev_metrics(self.student, self.encoder, self.dev_items, self.texts,
+                                  self.config.encode_batch_size)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
