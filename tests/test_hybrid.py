@@ -4,6 +4,7 @@ one Qdrant call, then IEM rescoring; and the student checked and recorded at ing
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
@@ -297,3 +298,47 @@ def test_on_disk_hybrid_collection_reopens(embed, tmp_path):
         assert [h.node.node_id for h in again] == [h.node.node_id for h in first]
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------------- d2llm-rag eval
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory):
+    from tests.distill_fixtures import write_beir
+
+    return write_beir(tmp_path_factory.mktemp("beir"), split="test")
+
+
+def test_eval_hybrid_is_qdrants_rrf_of_its_dense_and_bm25_runs(beir, embed):
+    from llama_index_d2llm.trainer.evaluation import fuse_runs, load_beir, qdrant_runs
+
+    data = load_beir(beir, "test")
+    student = embed.student
+    ids = sorted(data.queries)
+    runs = qdrant_runs(student.encode([data.queries[q] for q in ids], kind="query"),
+                       student.encode([p.text for p in data.corpus]), [p.id for p in data.corpus],
+                       ids, top_k=10, passage_texts=[p.text for p in data.corpus],
+                       query_texts=[data.queries[q] for q in ids])
+    fused = fuse_runs([runs["dense"], runs["sparse"]])  # ranx's RRF, k=60
+    for query in ids:
+        top = dict(sorted(fused[query].items(), key=lambda kv: -kv[1])[:10])
+        assert runs["hybrid"][query] == pytest.approx(top, abs=1e-6)
+    sparse_only = qdrant_runs(None, None, [p.id for p in data.corpus], ids, top_k=10,
+                              passage_texts=[p.text for p in data.corpus],
+                              query_texts=[data.queries[q] for q in ids])
+    assert sparse_only == {"sparse": runs["sparse"]}
+
+
+def test_eval_cli_first_stage_qdrant_hybrid(beir, tiny_student_dir, capsys):
+    from llama_index_d2llm.trainer import cli
+
+    common = [tiny_student_dir, "--data", str(beir), "--split", "test", "--top-k", "10",
+              "--rerank-k", "5", "--dtype", "float32", "--no-progress"]
+    assert cli.main(["eval", *common, "--first-stage", "qdrant", "--hybrid"]) == 0
+    printed = json.loads(capsys.readouterr().out)["student"]
+    assert printed["hybrid_method"] == "qdrant"
+    assert printed["sparse"]["ndcg@10"] > 0.8  # the fixture's queries share words with positives
+    for section in ("hybrid", "hybrid_reranked"):
+        assert 0 <= printed[section]["ndcg@10"] <= 1
+    assert cli.main(["eval", *common, "--hybrid-bm25"]) == 0  # the old flag: exact + rank_bm25
+    printed = json.loads(capsys.readouterr().out)["student"]
+    assert printed["hybrid_method"] == "ranx rrf" and "sparse" not in printed
