@@ -18,6 +18,7 @@ Why one ``query_points`` call with two prefetches and an RRF query: Qdrant fuses
 (embedded, on a server or on a cluster alike) and returns the fused candidates with their
 dense vectors, which the IEM rescores. Qdrant's RRF scores a hit ``1 / (k + position)``,
 position counted from 0, so ``k = 61`` is ranx's ``1 / (60 + rank)`` (the evaluation's RRF).
+An RRF query with its own ``k`` needs a Qdrant server 1.16 or later (embedded mode has it).
 """
 
 from __future__ import annotations
