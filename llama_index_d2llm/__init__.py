@@ -20,15 +20,19 @@ _EXPORTS = {
     "D2LLMEmbedding": "llama_index_d2llm.embedding",
     "D2LLMRerank": "llama_index_d2llm.postprocessor",
     "D2LLMRetriever": "llama_index_d2llm.retriever",
+    "D2LLMVectorStore": "llama_index_d2llm.store",
+    "BM25Encoder": "llama_index_d2llm.sparse",
 }
 
 __all__ = [
+    "BM25Encoder",
     "CheckpointError",
     "D2LLMConfig",
     "D2LLMEmbedding",
     "D2LLMRerank",
     "D2LLMRetriever",
     "D2LLMStudent",
+    "D2LLMVectorStore",
     "DeviceError",
     "LoraSettings",
     "StudentMismatchError",
@@ -38,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from llama_index_d2llm.embedding import D2LLMEmbedding
     from llama_index_d2llm.postprocessor import D2LLMRerank
     from llama_index_d2llm.retriever import D2LLMRetriever
+    from llama_index_d2llm.sparse import BM25Encoder
+    from llama_index_d2llm.store import D2LLMVectorStore
     from llama_index_d2llm.student import (
         CheckpointError,
         D2LLMConfig,

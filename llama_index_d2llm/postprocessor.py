@@ -21,11 +21,18 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index_d2llm.embedding import D2LLMEmbedding
-from llama_index_d2llm.qdrant import StudentGuard, afetch_vectors, fetch_vectors
+from llama_index_d2llm.qdrant import (
+    CollectionInfo,
+    StudentGuard,
+    afetch_vectors,
+    fetch_vectors,
+    first_stage_of,
+)
 
 dispatcher = get_dispatcher(__name__)
 
 Task = Literal["asymmetric", "symmetric"]
+FirstStage = Literal["dense", "hybrid"]
 
 #: Metadata key of the first-stage (cosine) score kept on rescored nodes.
 RETRIEVAL_SCORE_KEY = "retrieval_score"
@@ -116,7 +123,12 @@ class D2LLMRerank(BaseNodePostprocessor):
     ``vector_store`` must be the QdrantVectorStore the nodes were retrieved from, and
     ``embed_model`` the D2LLMEmbedding whose student built it: the collection's recorded
     student (or a re-encoded sample) is checked once, and another student is refused.
-    Node scores become IEM logits (higher is better).
+    Node scores become the IEM's ranking blended with the first stage's (higher is better).
+
+    ``first_stage`` names the search the nodes come from, which sets the blend weight:
+    ``None`` infers it from the store ("hybrid" when the collection holds BM25 sparse vectors
+    and the store can encode queries for them, as ``D2LLMRetriever`` would search it); pass
+    "dense" for nodes of a dense-only retriever over a hybrid store.
     """
 
     top_n: int = Field(default=10, gt=0, description="Number of nodes to return.")
@@ -125,6 +137,8 @@ class D2LLMRerank(BaseNodePostprocessor):
     keep_retrieval_score: bool = Field(
         default=False,
         description=f"Keep the first-stage score in metadata[{RETRIEVAL_SCORE_KEY!r}].")
+    first_stage: FirstStage | None = Field(
+        default=None, description="The search the nodes come from; None: from the store.")
     vector_store: Any = Field(exclude=True, description="The QdrantVectorStore of the nodes.")
     embed_model: D2LLMEmbedding = Field(description="The student that built the collection.")
 
@@ -132,16 +146,22 @@ class D2LLMRerank(BaseNodePostprocessor):
 
     def __init__(self, *, vector_store: Any, embed_model: Any, top_n: int = 10,
                  task: Task = "asymmetric", keep_retrieval_score: bool = False,
-                 **kwargs: Any) -> None:
+                 first_stage: FirstStage | None = None, **kwargs: Any) -> None:
         embed_model = require_d2llm_embedding(embed_model, "D2LLMRerank")
         guard = StudentGuard(vector_store, "D2LLMRerank")
         super().__init__(vector_store=vector_store, embed_model=embed_model, top_n=top_n,
-                         task=task, keep_retrieval_score=keep_retrieval_score, **kwargs)
+                         task=task, keep_retrieval_score=keep_retrieval_score,
+                         first_stage=first_stage, **kwargs)
         self._guard = guard
 
     @classmethod
     def class_name(cls) -> str:
         return "D2LLMRerank"
+
+    def _first_stage(self, info: CollectionInfo) -> str:
+        if self.first_stage is not None:
+            return self.first_stage
+        return first_stage_of(self.vector_store, info)
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore],
                            query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
@@ -155,7 +175,7 @@ class D2LLMRerank(BaseNodePostprocessor):
             query = query_vector(self.embed_model, query_bundle)
             vectors = fetch_vectors(self.vector_store, [n.node.node_id for n in nodes], info)
             ranked = rank_by_iem(self.embed_model, query, nodes, vectors, self.task, self.top_n,
-                                 self.keep_retrieval_score)
+                                 self.keep_retrieval_score, self._first_stage(info))
             finish(ranked)
         return ranked
 
@@ -174,6 +194,6 @@ class D2LLMRerank(BaseNodePostprocessor):
                                            [n.node.node_id for n in nodes], info)
             ranked = await asyncio.to_thread(rank_by_iem, self.embed_model, query, nodes,
                                              vectors, self.task, self.top_n,
-                                             self.keep_retrieval_score)
+                                             self.keep_retrieval_score, self._first_stage(info))
             finish(ranked)
         return ranked

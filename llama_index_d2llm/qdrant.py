@@ -28,7 +28,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index_d2llm.student.errors import D2LLMError, StudentMismatchError
 
@@ -67,6 +67,7 @@ class CollectionInfo:
     distance: str
     record: dict[str, Any] | None
     points: int | None
+    sparse_name: str | None = None  # the store's BM25 sparse vector, when the collection has it
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,13 @@ def _info_from_collection(store: QdrantVectorStore, collection: Any) -> Collecti
     metadata = getattr(collection.config, "metadata", None) or {}
     record = metadata.get(METADATA_KEY)
     distance = getattr(params.distance, "value", str(params.distance))
+    sparse = collection.config.params.sparse_vectors or {}
     return CollectionInfo(name=store.collection_name, vector_name=name,
                           dimension=int(params.size), distance=str(distance),
                           record=record if isinstance(record, dict) else None,
-                          points=getattr(collection, "points_count", None))
+                          points=getattr(collection, "points_count", None),
+                          sparse_name=(store.sparse_vector_name
+                                       if store.sparse_vector_name in sparse else None))
 
 
 def describe_collection(vector_store: Any) -> CollectionInfo:
@@ -259,16 +263,30 @@ async def afetch_vectors(vector_store: Any, node_ids: Sequence[str],
 
 def _search_request(store: QdrantVectorStore, query_vector: Sequence[float], top_k: int,
                     info: CollectionInfo, filters: MetadataFilters | None,
-                    doc_ids: list[str] | None, node_ids: list[str] | None) -> dict[str, Any]:
+                    doc_ids: list[str] | None, node_ids: list[str] | None,
+                    sparse_query: Any = None) -> dict[str, Any]:
     from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    from llama_index_d2llm.sparse import hybrid_query
 
     query = VectorStoreQuery(query_embedding=list(query_vector), similarity_top_k=top_k,
                              filters=filters, doc_ids=doc_ids, node_ids=node_ids)
     # The store's own filter builder, so that MetadataFilters behave as with its retriever.
-    return dict(collection_name=store.collection_name, query=list(query_vector),
-                using=info.vector_name or None, limit=top_k,
-                query_filter=store._build_query_filter(query), with_payload=True,
-                with_vectors=_with_vectors(info.vector_name))
+    query_filter = store._build_query_filter(query)
+    if sparse_query is None:
+        return dict(collection_name=store.collection_name, query=list(query_vector),
+                    using=info.vector_name or None, limit=top_k, query_filter=query_filter,
+                    with_payload=True, with_vectors=_with_vectors(info.vector_name))
+    if info.sparse_name is None:
+        raise UnsupportedVectorStoreError(
+            f"collection {info.name!r} has no sparse vector named {store.sparse_vector_name!r}, "
+            "so it cannot be searched hybrid: search it dense only (hybrid=False), or rebuild "
+            "it with D2LLMVectorStore(..., hybrid=True) to store BM25 vectors too"
+        )
+    return dict(collection_name=store.collection_name, with_payload=True,
+                **hybrid_query(query_vector, sparse_query, dense_name=info.vector_name,
+                               sparse_name=info.sparse_name, limit=top_k,
+                               query_filter=query_filter))
 
 
 def _hits(store: QdrantVectorStore, points: Sequence[Any], info: CollectionInfo
@@ -293,11 +311,18 @@ def _hits(store: QdrantVectorStore, points: Sequence[Any], info: CollectionInfo
 def search_with_vectors(vector_store: Any, query_vector: Sequence[float], top_k: int,
                         info: CollectionInfo | None = None, *,
                         filters: MetadataFilters | None = None, doc_ids: list[str] | None = None,
-                        node_ids: list[str] | None = None) -> list[StoredHit]:
-    """Nearest ``top_k`` nodes by cosine, each with its stored vector, in one Qdrant call."""
+                        node_ids: list[str] | None = None, sparse_query: Any = None
+                        ) -> list[StoredHit]:
+    """Nearest ``top_k`` nodes, each with its stored vector, in one Qdrant call.
+
+    By cosine; or, given the query's BM25 ``sparse_query`` (a ``models.SparseVector``), the
+    dense and the sparse top ``top_k`` fused by reciprocal rank (``sparse.hybrid_query``),
+    in fused order with the RRF score as similarity.
+    """
     store = require_qdrant(vector_store, "search_with_vectors")
     info = info or describe_collection(store)
-    request = _search_request(store, query_vector, top_k, info, filters, doc_ids, node_ids)
+    request = _search_request(store, query_vector, top_k, info, filters, doc_ids, node_ids,
+                              sparse_query)
     response = _sync_client(store).query_points(**request)
     return _hits(store, response.points, info)
 
@@ -306,16 +331,62 @@ async def asearch_with_vectors(vector_store: Any, query_vector: Sequence[float],
                                info: CollectionInfo | None = None, *,
                                filters: MetadataFilters | None = None,
                                doc_ids: list[str] | None = None,
-                               node_ids: list[str] | None = None) -> list[StoredHit]:
+                               node_ids: list[str] | None = None,
+                               sparse_query: Any = None) -> list[StoredHit]:
     store = require_qdrant(vector_store, "search_with_vectors")
     aclient = _async_client(store)
     if aclient is None:
         return await asyncio.to_thread(search_with_vectors, store, query_vector, top_k, info,
-                                       filters=filters, doc_ids=doc_ids, node_ids=node_ids)
+                                       filters=filters, doc_ids=doc_ids, node_ids=node_ids,
+                                       sparse_query=sparse_query)
     info = info or await adescribe_collection(store)
-    request = _search_request(store, query_vector, top_k, info, filters, doc_ids, node_ids)
+    request = _search_request(store, query_vector, top_k, info, filters, doc_ids, node_ids,
+                              sparse_query)
     response = await aclient.query_points(**request)
     return _hits(store, response.points, info)
+
+
+def first_stage_of(vector_store: Any, info: CollectionInfo, hybrid: bool | None = None
+                   ) -> Literal["dense", "hybrid"]:
+    """Which first stage searching this store means: "hybrid" when the collection holds the
+    store's sparse vector and the store can encode a query for it (``hybrid=None``), or as
+    asked, with an error saying what is missing for ``hybrid=True``."""
+    store = require_qdrant(vector_store, "first_stage_of")
+    if hybrid is False:
+        return "dense"
+    missing = None
+    if info.sparse_name is None:
+        missing = (f"collection {info.name!r} has no sparse vector named "
+                   f"{store.sparse_vector_name!r}")
+    elif _sparse_query_fn(store) is None:
+        missing = ("the QdrantVectorStore has no sparse query function (enable_hybrid=True and "
+                   "sparse_query_fn=BM25Encoder().encode_queries, or use D2LLMVectorStore)")
+    if missing is None:
+        return "hybrid"
+    if hybrid:
+        raise UnsupportedVectorStoreError(
+            f"hybrid search was asked for, but {missing}: build the collection with "
+            "D2LLMVectorStore(collection_name, embed_model, client=...) (BM25 sparse vectors "
+            "beside the dense ones), or search dense only (hybrid=False)")
+    return "dense"
+
+
+def _sparse_query_fn(store: QdrantVectorStore) -> Any:
+    return getattr(store, "_sparse_query_fn", None) if store.enable_hybrid else None
+
+
+def sparse_query(vector_store: Any, text: str) -> Any:
+    """The query's sparse vector (``models.SparseVector``) by the store's sparse query function."""
+    from qdrant_client import models
+
+    store = require_qdrant(vector_store, "sparse_query")
+    encode = _sparse_query_fn(store)
+    if encode is None:
+        raise UnsupportedVectorStoreError(
+            f"the store of collection {store.collection_name!r} is not hybrid: it has no sparse "
+            "query function")
+    indices, values = encode([text])
+    return models.SparseVector(indices=list(indices[0]), values=list(values[0]))
 
 
 # ---------------------------------------------------------------------------- student record
@@ -353,9 +424,11 @@ def _check_static(info: CollectionInfo, student: D2LLMStudent, compare_record: b
         raise StudentMismatchError(
             f"collection {info.name!r} was built by {info.record.get('name', recorded)!r} "
             f"(fingerprint {recorded}), but this is {student.name!r} (fingerprint "
-            f"{student.fingerprint}): its IEM would score vectors it never saw. Use the student "
-            "that built the collection, or re-ingest the documents with this one (and, only if "
-            "you know both make the same vectors, record_student(store, student, overwrite=True))"
+            f"{student.fingerprint}): its IEM would score vectors it never saw, and its vectors "
+            "would mix with the other student's. Use the student that built the collection, or "
+            "ingest the documents with this one into another collection (or delete this one "
+            "first); only if you know both make the same vectors, record_student(store, "
+            "student, overwrite=True)"
         )
     return True
 
@@ -406,8 +479,9 @@ def record_student(vector_store: Any, student: Any, *, overwrite: bool = False
                    ) -> CollectionInfo:
     """Record ``student`` (a D2LLMStudent or D2LLMEmbedding) as the builder of the collection.
 
-    Call it after ingesting with this student. A collection already recorded for another
-    student is refused unless ``overwrite=True``.
+    ``D2LLMVectorStore`` does it on its first write; call it yourself after ingesting through
+    a plain ``QdrantVectorStore``. A collection already recorded for another student is
+    refused unless ``overwrite=True``.
     """
     student = _student_of(student)
     store = require_qdrant(vector_store, "record_student")
@@ -415,16 +489,63 @@ def record_student(vector_store: Any, student: Any, *, overwrite: bool = False
     _check_static(info, student, compare_record=not overwrite)
     record = student_record(student, "record_student")
     _sync_client(store).update_collection(store.collection_name, metadata={METADATA_KEY: record})
-    return describe_collection(store)
+    return replace(info, record=record)
 
 
-def _write_record(store: QdrantVectorStore, record: dict[str, Any]) -> None:
+async def arecord_student(vector_store: Any, student: Any, *, overwrite: bool = False
+                          ) -> CollectionInfo:
+    student = _student_of(student)
+    store = require_qdrant(vector_store, "record_student")
+    aclient = _async_client(store)
+    if aclient is None:
+        return await asyncio.to_thread(record_student, store, student, overwrite=overwrite)
+    info = await adescribe_collection(store)
+    _check_static(info, student, compare_record=not overwrite)
+    record = student_record(student, "record_student")
+    await aclient.update_collection(store.collection_name, metadata={METADATA_KEY: record})
+    return replace(info, record=record)
+
+
+def check_node_vectors(student: Any, nodes: Sequence[BaseNode], collection: str) -> None:
+    """Refuse nodes about to be written whose vectors another model made.
+
+    One node is re-encoded with ``student`` (the store's) and must match its vector: the
+    index's embed model, not the store, embeds the nodes, and nothing else would notice.
+    """
+    import torch
+    from llama_index.core.schema import MetadataMode
+
+    student = _student_of(student)
+    node = next((n for n in nodes if n.embedding is not None), None)
+    if node is None:
+        return
+    fix = (f"embed them with the store's student ({student.name}, fingerprint "
+           f"{student.fingerprint}): VectorStoreIndex(..., embed_model=D2LLMEmbedding(...)) with "
+           "that student, or give the store the student you embed with")
+    if len(node.embedding) != student.dimension:
+        raise StudentMismatchError(
+            f"the nodes written to collection {collection!r} carry {len(node.embedding)}-d "
+            f"vectors, but the store's student makes {student.dimension}-d vectors: {fix}")
+    encoded = student.encode([node.get_content(metadata_mode=MetadataMode.EMBED)],
+                             kind="passage")[0]
+    cosine = float(torch.nn.functional.cosine_similarity(
+        encoded, torch.tensor(node.embedding, dtype=torch.float32), dim=0))
+    if cosine < MATCH_THRESHOLD:
+        raise StudentMismatchError(
+            f"the nodes written to collection {collection!r} were not embedded by the store's "
+            f"student (re-encoding one gives cosine {cosine:.3f} < {MATCH_THRESHOLD} with its "
+            f"vector): {fix}")
+
+
+def _write_record(store: QdrantVectorStore, record: dict[str, Any]) -> dict[str, Any] | None:
     try:
         _sync_client(store).update_collection(store.collection_name,
                                               metadata={METADATA_KEY: record})
     except Exception as exc:  # an old server without collection metadata: keep going
         logger.warning("could not record the D2LLM student on collection %r (%s); it will be "
                        "verified again next time", store.collection_name, exc)
+        return None
+    return record
 
 
 def check_student(vector_store: Any, student: Any, *, record: bool = True) -> CollectionInfo:
@@ -446,9 +567,10 @@ def check_student(vector_store: Any, student: Any, *, record: bool = True) -> Co
     if not records:
         return replace(info, points=0)
     _compare_sample(store, info, student, records)
+    written = None
     if record:
-        _write_record(store, student_record(student, "verified sample"))
-    return replace(info, points=max(info.points or 0, len(records)))
+        written = _write_record(store, student_record(student, "verified sample"))
+    return replace(info, points=max(info.points or 0, len(records)), record=written)
 
 
 async def acheck_student(vector_store: Any, student: Any, *, record: bool = True
@@ -467,15 +589,17 @@ async def acheck_student(vector_store: Any, student: Any, *, record: bool = True
     if not records:
         return replace(info, points=0)
     await asyncio.to_thread(_compare_sample, store, info, student, records)
+    written = None
     if record:
+        written = student_record(student, "verified sample")
         try:
-            await aclient.update_collection(
-                store.collection_name,
-                metadata={METADATA_KEY: student_record(student, "verified sample")})
+            await aclient.update_collection(store.collection_name,
+                                            metadata={METADATA_KEY: written})
         except Exception as exc:
             logger.warning("could not record the D2LLM student on collection %r (%s)",
                            store.collection_name, exc)
-    return replace(info, points=max(info.points or 0, len(records)))
+            written = None
+    return replace(info, points=max(info.points or 0, len(records)), record=written)
 
 
 class StudentGuard:
@@ -513,3 +637,13 @@ class StudentGuard:
         if info.points != 0:  # nothing was checked in an empty collection
             self._verified[key] = info
         return info
+
+    def remember(self, student: D2LLMStudent, info: CollectionInfo) -> CollectionInfo:
+        """Trust ``info`` for ``student`` from now on (the caller has just recorded it)."""
+        self._verified[self._key(student)] = info
+        return info
+
+    def is_recorded(self, student: D2LLMStudent) -> bool:
+        """Whether ``student`` is known to be the collection's recorded builder."""
+        info = self._verified.get(self._key(student))
+        return info is not None and info.record is not None

@@ -1,8 +1,11 @@
-"""``D2LLMRetriever``: Qdrant vector search, then IEM rescoring, in one retriever.
+"""``D2LLMRetriever``: Qdrant search (dense or hybrid), then IEM rescoring, in one retriever.
 
-The query is embedded once; one Qdrant call returns the ``similarity_top_k`` nearest nodes
-together with their stored vectors; the IEM rescores them and the best ``top_n`` come back.
-This is D2LLM's cost model: one query encoding plus a small MLP over stored vectors.
+The query is embedded once; one Qdrant call returns the ``similarity_top_k`` candidates
+together with their stored vectors: the nearest by cosine, or on a hybrid collection the
+dense and BM25 top ``similarity_top_k`` fused by reciprocal rank on Qdrant's side. The IEM
+rescores them (blended with the first stage's order by the weight the student recorded for
+that first stage) and the best ``top_n`` come back. This is D2LLM's cost model: one query
+encoding plus a small MLP over stored vectors.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from llama_index_d2llm.postprocessor import (
     rerank_events,
 )
 from llama_index_d2llm.qdrant import (
+    CollectionInfo,
     StoredHit,
     StudentGuard,
     asearch_with_vectors,
+    first_stage_of,
     search_with_vectors,
+    sparse_query,
 )
 from llama_index_d2llm.student.config import TASKS
 
@@ -37,7 +43,7 @@ dispatcher = get_dispatcher(__name__)
 
 
 class D2LLMRetriever(BaseRetriever):
-    """Retrieve with Qdrant's cosine search, rerank the candidates with the D2LLM IEM.
+    """Retrieve with Qdrant (cosine, or hybrid), rerank the candidates with the D2LLM IEM.
 
     Args:
         index: a ``VectorStoreIndex`` over a ``QdrantVectorStore``; its embed model is used
@@ -47,9 +53,11 @@ class D2LLMRetriever(BaseRetriever):
             kept in ``node.metadata["retrieval_score"]``, hidden from the LLM).
         task: IEM branch, "asymmetric" (query -> passage) or "symmetric".
         filters, doc_ids, node_ids: restrict the search exactly as ``VectorIndexRetriever``
-            does (the store's own filter builder is used).
-
-    A hybrid QdrantVectorStore is searched on its dense vectors only.
+            does (the store's own filter builder is used; in both searches when hybrid).
+        hybrid: ``None`` (default): hybrid when the collection holds BM25 sparse vectors and
+            the store encodes queries for them (a ``D2LLMVectorStore``), else dense; ``True``
+            requires it; ``False`` searches the dense vectors only. The first-stage score kept
+            in metadata is then the fused RRF score.
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class D2LLMRetriever(BaseRetriever):
         vector_store: Any = None,
         doc_ids: list[str] | None = None,
         node_ids: list[str] | None = None,
+        hybrid: bool | None = None,
         callback_manager: CallbackManager | None = None,
         verbose: bool = False,
         **kwargs: Any,
@@ -93,6 +102,7 @@ class D2LLMRetriever(BaseRetriever):
         self.filters = filters
         self.doc_ids = doc_ids
         self.node_ids = node_ids
+        self.hybrid = hybrid
         super().__init__(callback_manager=callback_manager or CallbackManager(),
                          verbose=verbose, **kwargs)
 
@@ -104,11 +114,20 @@ class D2LLMRetriever(BaseRetriever):
     def vector_store(self) -> Any:
         return self._vector_store
 
-    def _search_kwargs(self) -> dict[str, Any]:
-        return dict(filters=self.filters, doc_ids=self.doc_ids, node_ids=self.node_ids)
+    def _search_kwargs(self, query_bundle: QueryBundle, info: CollectionInfo
+                       ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(filters=self.filters, doc_ids=self.doc_ids,
+                                      node_ids=self.node_ids)
+        if self.first_stage(info) == "hybrid":
+            kwargs["sparse_query"] = sparse_query(self._vector_store, query_bundle.query_str)
+        return kwargs
 
-    def _rank(self, query_bundle: QueryBundle, query: list[float], hits: list[StoredHit]
-              ) -> list[NodeWithScore]:
+    def first_stage(self, info: CollectionInfo) -> str:
+        """"dense" or "hybrid": what this retriever searches the collection with."""
+        return first_stage_of(self._vector_store, info, self.hybrid)
+
+    def _rank(self, query_bundle: QueryBundle, query: list[float], hits: list[StoredHit],
+              first_stage: str) -> list[NodeWithScore]:
         candidates = [NodeWithScore(node=h.node, score=h.similarity) for h in hits]
         if not candidates:
             return []
@@ -116,7 +135,7 @@ class D2LLMRetriever(BaseRetriever):
                            self._embed_model.model_name) as finish:
             ranked = rank_by_iem(self._embed_model, query, candidates,
                                  [h.vector for h in hits], self.task, self.top_n,
-                                 keep_retrieval_score=True)
+                                 keep_retrieval_score=True, first_stage=first_stage)
             finish(ranked)
         return ranked
 
@@ -128,8 +147,8 @@ class D2LLMRetriever(BaseRetriever):
         # Later postprocessors reuse it, as after VectorIndexRetriever.
         query_bundle.embedding = query
         hits = search_with_vectors(self._vector_store, query, self.similarity_top_k, info,
-                                   **self._search_kwargs())
-        return self._rank(query_bundle, query, hits)
+                                   **self._search_kwargs(query_bundle, info))
+        return self._rank(query_bundle, query, hits, self.first_stage(info))
 
     @dispatcher.span
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
@@ -138,5 +157,6 @@ class D2LLMRetriever(BaseRetriever):
         query = await aquery_vector(self._embed_model, query_bundle)
         query_bundle.embedding = query
         hits = await asearch_with_vectors(self._vector_store, query, self.similarity_top_k,
-                                          info, **self._search_kwargs())
-        return await asyncio.to_thread(self._rank, query_bundle, query, hits)
+                                          info, **self._search_kwargs(query_bundle, info))
+        return await asyncio.to_thread(self._rank, query_bundle, query, hits,
+                                       self.first_stage(info))

@@ -107,3 +107,13 @@ def store_with_layout(layout: str, dimension: int, client: Any = None) -> Any:
     store = qdrant_store(client, dense_vector_name=None if layout == "named" else name)
     assert store.dense_vector_name == name
     return store
+
+
+def hybrid_store(embed: Any, client: Any = None, collection: str = "docs", **kwargs: Any) -> Any:
+    """A D2LLMVectorStore (dense + BM25 sparse vectors) for ``embed``'s student."""
+    from qdrant_client import QdrantClient
+
+    from llama_index_d2llm import D2LLMVectorStore
+
+    return D2LLMVectorStore(collection, embed, client=client or QdrantClient(":memory:"),
+                            **kwargs)

@@ -266,9 +266,12 @@ def _eval_parser(commands: Any) -> None:
     parser.add_argument("--qdrant-path", default=":memory:",
                         help="local Qdrant storage folder for --first-stage qdrant "
                              "(default: in memory)")
-    parser.add_argument("--hybrid-bm25", action="store_true",
+    parser.add_argument("--hybrid", "--hybrid-bm25", dest="hybrid", action="store_true",
                         help="also report hybrid search: BM25 and the student's vectors fused by "
-                             "reciprocal rank, then IEM rescoring of the fused top --rerank-k")
+                             "reciprocal rank, then IEM rescoring of the fused top --rerank-k. "
+                             "With --first-stage qdrant it is Qdrant's own hybrid search, as "
+                             "D2LLMRetriever runs it (BM25 sparse vectors with Qdrant's IDF, RRF "
+                             "in one query); with exact search, rank_bm25's run fused by ranx")
     parser.add_argument("--max-passage-length", type=int, metavar="TOKENS",
                         help="encode passages up to this many tokens instead of the student's "
                              "own limit (longer documents are cut; PMA pools any length)")
@@ -339,7 +342,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.run is not None:
         results["run"] = evaluation.evaluate_run(data.qrels, evaluation.read_run(args.run))
     bm25 = None
-    if args.bm25 or (args.hybrid_bm25 and data is not None):
+    lexical_fusion = args.hybrid and args.first_stage == "exact"
+    if args.bm25 or (lexical_fusion and data is not None):
         bm25 = evaluation.bm25_run(data, args.top_k, show_progress=args.progress)
     if args.bm25:
         results["bm25"] = evaluation.evaluate_run(data.qrels, bm25)
@@ -373,7 +377,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                 first_stage=args.first_stage, max_queries=args.max_queries,
                 batch_size=args.batch_size, show_progress=args.progress, token_cache=cache,
                 qdrant_location=args.qdrant_path, runs_output=args.runs_output,
-                lexical_run=bm25 if args.hybrid_bm25 else None)
+                lexical_run=bm25 if lexical_fusion else None, hybrid=args.hybrid)
         if pairs is not None:
             results["pairs"] = evaluation.evaluate_pairs(student, pairs,
                                                          batch_size=args.batch_size,

@@ -247,30 +247,94 @@ def qdrant_search(query_vectors: torch.Tensor, passage_vectors: torch.Tensor,
                   passage_ids: Sequence[str], query_ids: Sequence[str], top_k: int,
                   location: str = ":memory:") -> RunDict:
     """The same through a local Qdrant collection (cosine), as a deployment would search."""
-    from qdrant_client import QdrantClient, models
+    return qdrant_runs(query_vectors, passage_vectors, passage_ids, query_ids, top_k,
+                       location)["dense"]
 
-    client = (QdrantClient(location=":memory:") if location == ":memory:"
-              else QdrantClient(path=location))
+
+def _open_local_qdrant(location: str) -> Any:
+    from qdrant_client import QdrantClient
+
+    return (QdrantClient(location=":memory:") if location == ":memory:"
+            else QdrantClient(path=location))
+
+
+def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tensor | None,
+                passage_ids: Sequence[str], query_ids: Sequence[str], top_k: int,
+                location: str = ":memory:", *, passage_texts: Sequence[str] | None = None,
+                query_texts: Sequence[str] | None = None, bm25: Any = None) -> dict[str, RunDict]:
+    """Runs of a local Qdrant collection built as ``D2LLMVectorStore`` builds one.
+
+    With vectors: ``"dense"`` (cosine). With texts too: ``"sparse"`` (BM25 sparse vectors,
+    IDF by Qdrant) and ``"hybrid"`` (both fused by RRF in one ``query_points`` call, the
+    request ``D2LLMRetriever`` sends: ``llama_index_d2llm.sparse.hybrid_query``). Texts
+    without vectors: ``"sparse"`` only.
+    """
+    from qdrant_client import models
+
+    from llama_index_d2llm.sparse import (
+        SPARSE_VECTOR_NAME,
+        BM25Encoder,
+        hybrid_query,
+        sparse_vector_params,
+    )
+
+    dense_name, sparse_name = "text-dense", SPARSE_VECTOR_NAME
+    lexical = passage_texts is not None and query_texts is not None
+    if passage_vectors is None and not lexical:
+        raise EvaluationError("qdrant_runs needs passage vectors, texts, or both")
+    encoder = (bm25 or BM25Encoder()) if lexical else None
+    client = _open_local_qdrant(location)
     name = "d2llm-evaluation"
     try:
         if client.collection_exists(name):
             client.delete_collection(name)
-        client.create_collection(name, vectors_config=models.VectorParams(
-            size=passage_vectors.shape[1], distance=models.Distance.COSINE))
+        client.create_collection(
+            name, vectors_config={} if passage_vectors is None else {
+                dense_name: models.VectorParams(size=passage_vectors.shape[1],
+                                                distance=models.Distance.COSINE)},
+            sparse_vectors_config={sparse_name: sparse_vector_params()} if lexical else None)
         for start in range(0, len(passage_ids), 512):
+            stop = min(start + 512, len(passage_ids))
+            vectors: list[dict[str, Any]] = [{} for _ in range(start, stop)]
+            if passage_vectors is not None:
+                for i, vector in enumerate(passage_vectors[start:stop]):
+                    vectors[i][dense_name] = vector.tolist()
+            if encoder is not None:
+                indices, values = encoder.encode_documents(passage_texts[start:stop])
+                for i, (idx, val) in enumerate(zip(indices, values, strict=True)):
+                    vectors[i][sparse_name] = models.SparseVector(indices=idx, values=val)
             client.upsert(name, points=[
-                models.PointStruct(id=start + i, vector=vector.tolist(),
+                models.PointStruct(id=start + i, vector=vector,
                                    payload={"passage_id": passage_ids[start + i]})
-                for i, vector in enumerate(passage_vectors[start:start + 512])])
-        run: RunDict = {}
-        for start in range(0, len(query_ids), 64):
-            requests = [models.QueryRequest(query=vector.tolist(), limit=top_k, with_payload=True)
-                        for vector in query_vectors[start:start + 64]]
-            for query_id, response in zip(query_ids[start:start + 64],
-                                          client.query_batch_points(name, requests), strict=True):
-                run[query_id] = {point.payload["passage_id"]: float(point.score)
-                                 for point in response.points}
-        return run
+                for i, vector in enumerate(vectors)])
+        requests: dict[str, list[Any]] = {}
+        if passage_vectors is not None:
+            requests["dense"] = [dict(query=v.tolist(), using=dense_name, limit=top_k)
+                                 for v in query_vectors]
+        if encoder is not None:
+            sparse = [models.SparseVector(indices=i, values=v)
+                      for i, v in zip(*encoder.encode_queries(query_texts), strict=True)]
+            requests["sparse"] = [dict(query=q, using=sparse_name, limit=top_k) for q in sparse]
+            if passage_vectors is not None:
+                requests["hybrid"] = [
+                    hybrid_query(v.tolist(), q, dense_name=dense_name, sparse_name=sparse_name,
+                                 limit=top_k)
+                    for v, q in zip(query_vectors, sparse, strict=True)]
+        runs: dict[str, RunDict] = {}
+        for kind, kind_requests in requests.items():
+            run: RunDict = {}
+            for start in range(0, len(query_ids), 64):
+                # the product's request, without the vectors only the IEM needs
+                batch = [models.QueryRequest(with_payload=True, **{
+                    k: v for k, v in r.items() if k != "with_vectors"})
+                    for r in kind_requests[start:start + 64]]
+                for query_id, response in zip(query_ids[start:start + 64],
+                                              client.query_batch_points(name, batch),
+                                              strict=True):
+                    run[query_id] = {point.payload["passage_id"]: float(point.score)
+                                     for point in response.points}
+            runs[kind] = run
+        return runs
     finally:
         client.close()
 
@@ -297,14 +361,20 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
                      batch_size: int = 16, show_progress: bool = True, token_cache: Any = None,
                      qdrant_location: str = ":memory:", task: str = "asymmetric",
                      runs_output: str | Path | None = None,
-                     lexical_run: RunDict | None = None) -> dict[str, Any]:
+                     lexical_run: RunDict | None = None, hybrid: bool = False
+                     ) -> dict[str, Any]:
     """First-stage and IEM-reranked retrieval metrics of a student on a BEIR data set.
 
     ``first_stage``: ``"exact"`` (cosine over every passage) or ``"qdrant"`` (a local Qdrant
     collection at ``qdrant_location``). ``rerank_k=0`` skips reranking. With a
     ``lexical_run`` (BM25's), also the hybrid first stage (``fuse_runs`` of both) and the
-    IEM's rescoring of the hybrid's top ``rerank_k``.
+    IEM's rescoring of the hybrid's top ``rerank_k``. With ``hybrid`` and the Qdrant first
+    stage, the hybrid first stage is Qdrant's own, as ``D2LLMRetriever`` searches: BM25
+    sparse vectors beside the dense ones, fused by RRF in the query (``qdrant_runs``).
     """
+    if hybrid and first_stage != "qdrant" and lexical_run is None:
+        raise EvaluationError("hybrid=True needs first_stage='qdrant' (Qdrant's hybrid search) "
+                              "or a lexical_run to fuse with the exact search")
     if first_stage not in ("exact", "qdrant"):
         raise EvaluationError(f"first_stage must be 'exact' or 'qdrant', got {first_stage!r}")
     if top_k < 1 or rerank_k < 0:
@@ -323,10 +393,17 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
     timings["encode_queries_s"] = time.perf_counter() - start
     passage_ids = [p.id for p in data.corpus]
     start = time.perf_counter()
-    search = exact_search if first_stage == "exact" else qdrant_search
-    kwargs = {} if first_stage == "exact" else {"location": qdrant_location}
-    first = search(query_vectors, passage_vectors, passage_ids, query_ids,
-                   max(top_k, rerank_k), **kwargs)
+    qdrant_found: dict[str, RunDict] = {}
+    if first_stage == "exact":
+        first = exact_search(query_vectors, passage_vectors, passage_ids, query_ids,
+                             max(top_k, rerank_k))
+    else:
+        texts = ({"passage_texts": [p.text for p in data.corpus],
+                  "query_texts": [data.queries[q] for q in query_ids]}
+                 if hybrid and lexical_run is None else {})
+        qdrant_found = qdrant_runs(query_vectors, passage_vectors, passage_ids, query_ids,
+                                   max(top_k, rerank_k), qdrant_location, **texts)
+        first = qdrant_found["dense"]
     timings["search_s"] = time.perf_counter() - start
     result: dict[str, Any] = {
         "student": student.name, "fingerprint": student.fingerprint, "split": split,
@@ -343,14 +420,21 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
         timings["rerank_s"] = time.perf_counter() - start
         result["reranked"] = evaluate_run(qrels, reranked, metrics)
         runs["reranked"] = reranked
-    if lexical_run is not None:
-        missing = [q for q in query_ids if q not in lexical_run]
-        if missing:
-            raise EvaluationError(f"the lexical run has no results for {len(missing)} queries "
-                                  f"(e.g. {missing[0]!r}): it must cover the evaluated queries")
-        hybrid = _truncate(fuse_runs([_truncate(first, top_k),
-                                      _truncate({q: lexical_run[q] for q in query_ids},
-                                                top_k)]), max(top_k, rerank_k))
+    if "hybrid" in qdrant_found:
+        result["sparse"] = evaluate_run(qrels, _truncate(qdrant_found["sparse"], top_k), metrics)
+    if lexical_run is not None or "hybrid" in qdrant_found:
+        if "hybrid" in qdrant_found:
+            hybrid = qdrant_found["hybrid"]
+        else:
+            missing = [q for q in query_ids if q not in lexical_run]
+            if missing:
+                raise EvaluationError(f"the lexical run has no results for {len(missing)} "
+                                      f"queries (e.g. {missing[0]!r}): it must cover the "
+                                      "evaluated queries")
+            hybrid = _truncate(fuse_runs([_truncate(first, top_k),
+                                          _truncate({q: lexical_run[q] for q in query_ids},
+                                                    top_k)]), max(top_k, rerank_k))
+        result["hybrid_method"] = "qdrant" if "hybrid" in qdrant_found else "ranx rrf"
         result["hybrid"] = evaluate_run(qrels, _truncate(hybrid, top_k), metrics)
         runs["hybrid"] = hybrid
         if rerank_k:

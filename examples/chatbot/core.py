@@ -10,7 +10,7 @@ Three steps:
    makes a second run re-embed only what changed; the student's fingerprint, recorded on
    the collection, makes sure a collection is never mixed or rescored by another student.
 3. ``Chatbot.new_conversation`` -> ``Conversation.ask``: a LlamaIndex
-   ``CondensePlusContextChatEngine`` whose retriever is ``D2LLMRetriever`` (cosine search in
+   ``CondensePlusContextChatEngine`` whose retriever is ``D2LLMRetriever`` (hybrid search in
    Qdrant, then IEM rescoring); follow-ups are condensed with the history; the answer
    streams; the sources come with their IEM and first-stage scores.
 """
@@ -300,10 +300,11 @@ class DocumentIndex:
         # QdrantVectorStore remembers at construction whether the collection exists (it
         # creates it on the first insert), so it is built again after a rebuild drops it.
         from llama_index.core import VectorStoreIndex
-        from llama_index.vector_stores.qdrant import QdrantVectorStore
 
-        self.store = QdrantVectorStore(client=self.client,
-                                       collection_name=self.location.collection)
+        from llama_index_d2llm import D2LLMVectorStore
+
+        # dense + BM25 vectors for a new collection (hybrid search); an older one as it is
+        self.store = D2LLMVectorStore(self.location.collection, self.embed, client=self.client)
         self.index: VectorStoreIndex = VectorStoreIndex.from_vector_store(
             self.store, embed_model=self.embed)
 

@@ -1,0 +1,126 @@
+"""``D2LLMVectorStore``: a QdrantVectorStore for one D2LLM student, hybrid by default.
+
+Why a subclass and not only a ``QdrantVectorStore(enable_hybrid=True, ...)``: it sets the three
+things a user would otherwise get wrong (our offline BM25 functions, the sparse vector's IDF
+modifier, which QdrantVectorStore only sets for fastembed models), and it knows its student.
+``VectorStoreIndex`` ingestion only calls the embed model; the store is the one place that sees
+every write, so it checks there that the nodes' vectors come from its student and that the
+collection was not built by another one, and records the student on the first write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.schema import BaseNode
+from llama_index.vector_stores.qdrant import QdrantVectorStore
+
+from llama_index_d2llm.qdrant import (
+    CollectionInfo,
+    StudentGuard,
+    arecord_student,
+    check_node_vectors,
+    describe_collection,
+    record_student,
+)
+from llama_index_d2llm.sparse import SPARSE_VECTOR_NAME, BM25Encoder, sparse_vector_params
+from llama_index_d2llm.student.errors import D2LLMError
+
+
+class D2LLMVectorStore(QdrantVectorStore):
+    """Qdrant collection of one student's passage vectors, plus BM25 sparse vectors.
+
+    Args:
+        collection_name: the Qdrant collection.
+        embed_model: the ``D2LLMEmbedding`` (or ``D2LLMStudent``) that embeds the nodes.
+        client / aclient: ``QdrantClient`` / ``AsyncQdrantClient`` (embedded or a server).
+        hybrid: store BM25 sparse vectors beside the dense ones. ``None`` (default): yes for
+            a new collection, and as it is for an existing one (a dense-only collection stays
+            dense-only). ``True`` refuses an existing dense-only collection.
+        bm25: the sparse encoder (default: ``BM25Encoder()``).
+        **kwargs: passed to ``QdrantVectorStore``.
+    """
+
+    _d2llm_student: Any = PrivateAttr()
+    _bm25: BM25Encoder | None = PrivateAttr(default=None)
+    _hybrid_asked: bool | None = PrivateAttr(default=None)
+    _guard: StudentGuard = PrivateAttr()
+
+    def __init__(self, collection_name: str, embed_model: Any, *, client: Any = None,
+                 aclient: Any = None, hybrid: bool | None = None,
+                 bm25: BM25Encoder | None = None, **kwargs: Any) -> None:
+        student = getattr(embed_model, "student", embed_model)
+        if not hasattr(student, "fingerprint"):
+            raise TypeError("D2LLMVectorStore needs embed_model=D2LLMEmbedding(...) (or its "
+                            f"D2LLMStudent), got {type(embed_model).__name__}")
+        encoder = (bm25 or BM25Encoder()) if hybrid is not False else None
+        if encoder is not None:
+            kwargs.update(enable_hybrid=True, sparse_doc_fn=encoder.encode_documents,
+                          sparse_query_fn=encoder.encode_queries,
+                          sparse_config=kwargs.get("sparse_config") or sparse_vector_params(),
+                          sparse_vector_name=kwargs.get("sparse_vector_name")
+                          or SPARSE_VECTOR_NAME)
+        super().__init__(collection_name=collection_name, client=client, aclient=aclient,
+                         **kwargs)
+        self._d2llm_student = student
+        self._bm25 = encoder
+        self._hybrid_asked = hybrid
+        self._guard = StudentGuard(self, "D2LLMVectorStore")
+        if client is not None and self._collection_initialized:
+            self._match_collection(describe_collection(self))
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "D2LLMVectorStore"
+
+    @property
+    def bm25(self) -> BM25Encoder | None:
+        """The sparse encoder when this store is hybrid."""
+        return self._bm25 if self.enable_hybrid else None
+
+    def _match_collection(self, info: CollectionInfo) -> None:
+        """Follow an existing collection's layout: hybrid only when it has the sparse vector."""
+        if not self.enable_hybrid or info.sparse_name is not None:
+            return
+        if self._hybrid_asked:
+            raise D2LLMError(
+                f"collection {info.name!r} holds dense vectors only, so hybrid=True cannot add "
+                "BM25 vectors to it: pass hybrid=False (or None) to use it as it is, or delete "
+                "it and ingest again to build it hybrid")
+        self.enable_hybrid = False
+
+    # ------------------------------------------------------------------ ingestion checks
+    def _before_write(self, nodes: Sequence[BaseNode]) -> None:
+        check_node_vectors(self._d2llm_student, nodes, self.collection_name)
+        if self.client.collection_exists(self.collection_name):
+            self._match_collection(self._guard.ensure(self._d2llm_student))
+
+    def _after_write(self) -> None:
+        if not self._guard.is_recorded(self._d2llm_student):
+            self._guard.remember(self._d2llm_student, record_student(self, self._d2llm_student))
+
+    def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+        if not nodes:
+            return []
+        self._before_write(nodes)
+        ids = super().add(nodes, **kwargs)
+        self._after_write()
+        return ids
+
+    async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+        if not nodes:
+            return []
+        aclient = self._aclient
+        if aclient is None:
+            return await asyncio.to_thread(self.add, nodes, **kwargs)
+        student = self._d2llm_student
+        await asyncio.to_thread(check_node_vectors, student, nodes, self.collection_name)
+        if await aclient.collection_exists(self.collection_name):
+            self._match_collection(await self._guard.aensure(student))
+        ids = await super().async_add(nodes, **kwargs)
+        if not self._guard.is_recorded(student):
+            self._guard.remember(student, await arecord_student(self, student))
+        return ids
