@@ -4,7 +4,8 @@ Each dev query searches the whole corpus (up to ``DEV_CORPUS_LIMIT`` passages, i
 always among them) as a deployment does:
 
 - dense: exact cosine over the student's vectors, top ``depth``;
-- hybrid: that list fused by reciprocal rank with BM25's top ``depth``;
+- hybrid: that list fused by reciprocal rank with BM25's top ``depth`` (the product's BM25,
+  ``SparseBM25``);
 - each rescored by the IEM, blended with its first stage at every weight of
   ``blend.WEIGHT_GRID`` (``student/blend.py``; weight 0 is the first stage unchanged).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,6 +57,56 @@ def dev_corpus_ids(items: Sequence[RankingItem], passage_ids: Sequence[str], see
     return needed + rest[:max(0, limit - len(needed))]
 
 
+class SparseBM25:
+    """The product's BM25 (``llama_index_d2llm.sparse``), scored in memory as Qdrant does.
+
+    Documents hold BM25's saturated term frequencies; a query term weighs its inverse document
+    frequency ``ln((N - df + 0.5) / (df + 0.5) + 1)`` over these documents, which is what
+    Qdrant's IDF modifier computes from a collection's statistics. So the dev hybrid ranks
+    like the hybrid retriever a user deploys.
+    """
+
+    def __init__(self, texts: Sequence[str], encoder: Any = None):
+        import numpy as np
+        from scipy.sparse import csr_matrix
+
+        from llama_index_d2llm.sparse import BM25Encoder
+
+        self.encoder = encoder or BM25Encoder()
+        indices, values = self.encoder.encode_documents(list(texts))
+        self.columns: dict[int, int] = {}
+        rows, cols, data = [], [], []
+        for row, (terms, weights) in enumerate(zip(indices, values, strict=True)):
+            for term, weight in zip(terms, weights, strict=True):
+                rows.append(row)
+                cols.append(self.columns.setdefault(term, len(self.columns)))
+                data.append(weight)
+        self.matrix = csr_matrix((data, (rows, cols)), shape=(len(texts), len(self.columns)))
+        count = len(texts)
+        frequency = np.bincount(np.asarray(cols, dtype=np.int64), minlength=len(self.columns))
+        self.idf = np.log((count - frequency + 0.5) / (frequency + 0.5) + 1.0)
+
+    def scores(self, text: str) -> Any:
+        import numpy as np
+
+        indices, values = self.encoder.encode_queries([text])
+        query = np.zeros(len(self.columns))
+        for term, weight in zip(indices[0], values[0], strict=True):
+            column = self.columns.get(term)
+            if column is not None:
+                query[column] += weight * self.idf[column]
+        return self.matrix @ query
+
+    def search(self, text: str, top_k: int) -> list[tuple[int, float]]:
+        """(document position, score) of the ``top_k`` best documents with a match."""
+        import numpy as np
+
+        scores = self.scores(text)
+        top_k = min(top_k, len(scores))
+        best = np.argsort(-scores, kind="stable")[:top_k]
+        return [(int(i), float(scores[i])) for i in best if scores[i] > 0]
+
+
 @dataclass
 class DevRanking:
     """Dev queries, the corpus they search, and BM25's runs (fixed for the whole training)."""
@@ -69,15 +121,13 @@ class DevRanking:
     def build(cls, items: Sequence[RankingItem], texts: dict[str, str], seed: int,
               depth: int = DEV_DEPTH, limit: int = DEV_CORPUS_LIMIT) -> DevRanking | None:
         """``None`` when there is no asymmetric dev query (pairs are not corpus searches)."""
-        from llama_index_d2llm.trainer.corpus import Passage
-        from llama_index_d2llm.trainer.mining import BM25Index
-
         items = [item for item in items if item.task == "asymmetric" and item.positive_ids]
         if not items:
             return None
         ids = dev_corpus_ids(items, sorted(texts), seed, limit)
-        index = BM25Index([Passage(id=pid, text=texts[pid]) for pid in ids])
-        lexical = {item.id: dict(index.search(item.text, depth)) for item in items}
+        index = SparseBM25([texts[pid] for pid in ids])
+        lexical = {item.id: {ids[i]: score for i, score in index.search(item.text, depth)}
+                   for item in items}
         return cls(list(items), ids, texts, lexical, depth)
 
     @property

@@ -40,6 +40,7 @@ from llama_index_d2llm.trainer.dataset import Collator, RankingItem, TrainingBat
 from llama_index_d2llm.trainer.dev_ranking import (
     DEV_METRIC,
     DevRanking,
+    SparseBM25,
     format_report,
     weights_from,
 )
@@ -533,15 +534,12 @@ class DistillationTrainer:
 
     def _lexical_rankings(self, query_ids: list[str], texts: list[str],
                           passage_ids: list[str]) -> list[list[str]]:
-        """BM25's ranking of the corpus for each training query (computed once per run)."""
-        from llama_index_d2llm.trainer.corpus import Passage
-        from llama_index_d2llm.trainer.mining import BM25Index
-
+        """The product's BM25 ranking of the corpus for each training query (once per run)."""
         cached = self._lexical
         if cached is None or cached[0] != query_ids:
-            index = BM25Index([Passage(id=pid, text=self.texts[pid]) for pid in passage_ids])
+            index = SparseBM25([self.texts[pid] for pid in passage_ids])
             depth = 2 * self.config.student_negatives_depth
-            ranked = [[pid for pid, _ in index.search(text, depth)] for text in texts]
+            ranked = [[passage_ids[i] for i, _ in index.search(text, depth)] for text in texts]
             self._lexical = cached = (query_ids, ranked)
         return cached[1]
 

@@ -1,0 +1,47 @@
+"""The whole-corpus dev ranking: its BM25 ranks as the product's Qdrant hybrid collection."""
+
+from __future__ import annotations
+
+import pytest
+
+from llama_index_d2llm.trainer.dataset import RankingItem
+from llama_index_d2llm.trainer.dev_ranking import SparseBM25, dev_corpus_ids
+
+TEXTS = [
+    "the cat sat on the mat", "a dog runs in the park", "the cat and the dog",
+    "protein folding in the cell", "gene expression in cancer cells", "water and energy",
+    "climate change and rivers", "music history of the city", "quantum physics of the sun",
+    "cells divide and cells grow", "the moon and the sun", "computer network models",
+]
+
+
+def test_in_memory_bm25_scores_like_qdrants_sparse_vectors_with_idf():
+    from qdrant_client import QdrantClient, models
+
+    from llama_index_d2llm.sparse import BM25Encoder, sparse_vector_params
+
+    encoder = BM25Encoder()
+    index = SparseBM25(TEXTS, encoder)
+    client = QdrantClient(location=":memory:")
+    client.create_collection("c", vectors_config={},
+                             sparse_vectors_config={"bm25": sparse_vector_params()})
+    indices, values = encoder.encode_documents(TEXTS)
+    client.upsert("c", points=[
+        models.PointStruct(id=i, vector={"bm25": models.SparseVector(indices=ix, values=vx)})
+        for i, (ix, vx) in enumerate(zip(indices, values, strict=True))])
+    for query in ("cells in cancer", "the sun", "dog park", "cat"):
+        ours = index.search(query, 5)
+        theirs = client.query_points("c", query=encoder.query_vector(query), using="bm25",
+                                     limit=5).points
+        assert [i for i, _ in ours] == [p.id for p in theirs]
+        assert [s for _, s in ours] == pytest.approx([p.score for p in theirs], rel=1e-4)
+
+
+def test_dev_corpus_keeps_every_positive_when_it_samples():
+    items = [RankingItem(id="q", text="x", task="asymmetric", positive_ids=["p7", "p9"],
+                         hard_negative_ids=[])]
+    ids = [f"p{i}" for i in range(10)]
+    assert dev_corpus_ids(items, ids, seed=1, limit=20) == ids
+    sample = dev_corpus_ids(items, ids, seed=1, limit=4)
+    assert len(sample) == 4 and {"p7", "p9"} <= set(sample)
+    assert dev_corpus_ids(items, ids, seed=1, limit=4) == sample
