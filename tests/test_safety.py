@@ -120,8 +120,12 @@ def test_a_backbone_that_needs_its_own_code_names_the_flag(tmp_path, tiny_backbo
     marker = tmp_path / "MARKER"
     remote = _remote_code_backbone(tiny_backbone, tmp_path / "custom", marker,
                                    model_type="marker-llama")
+    from llama_index_d2llm.trainer.teacher import Teacher
+
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
         D2LLMStudent.from_backbone(str(remote), pma_heads=4, dtype="float32")
+    with pytest.raises(RemoteCodeError, match="trust_remote_code=True"):
+        Teacher.from_pretrained(str(remote), dtype="float32", device="cpu")
     for flag in ("--student", "--teacher"):
         code = cli.main(["distill", "--corpus", str(beir), flag, str(remote), "--output",
                          str(tmp_path / "s"), *TINY])

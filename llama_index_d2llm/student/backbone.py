@@ -104,7 +104,7 @@ def resolve_backbone(name_or_path: str | None, base_dir: Path | None = None) -> 
     return name_or_path
 
 
-def _refuse_remote_code(path: str, exc: ValueError) -> None:
+def refuse_remote_code(path: str, exc: ValueError) -> None:
     """Transformers' refusal of custom code, re-raised with the flag that allows it."""
     if "trust_remote_code" in str(exc):
         raise RemoteCodeError(
@@ -179,7 +179,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        _refuse_remote_code(path, exc)
+        refuse_remote_code(path, exc)
         raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -193,7 +193,7 @@ def load_body(path: str, dtype: torch.dtype, trust_remote_code: bool = False) ->
     try:
         return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        _refuse_remote_code(path, exc)
+        refuse_remote_code(path, exc)
         raise
     except OSError as exc:
         raise OSError(
