@@ -18,10 +18,7 @@ from llama_index_d2llm.student.config import D2LLMConfig
 from llama_index_d2llm.student.model import compute_fingerprint
 from llama_index_d2llm.trainer import cli
 from tests.distill_fixtures import TOPICS, OverlapTeacher, write_beir
-
-TINY = ["--pma-heads", "4", "--iem-hidden-size", "16", "--num-negatives", "3",
-        "--num-easy-negatives", "2", "--batch-size", "4", "--device", "cpu", "--dtype",
-        "float32", "--max-passage-length", "32", "--max-query-length", "16", "--no-progress"]
+from tests.test_cli import TINY
 
 
 @pytest.fixture(scope="module")

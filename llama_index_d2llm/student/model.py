@@ -198,9 +198,9 @@ class D2LLMStudent(nn.Module):
         fingerprint = compute_fingerprint(config, heads, adapter)
         if config.fingerprint is not None and fingerprint != config.fingerprint:
             raise CheckpointError(
-                f"the weights in {str(directory)!r} do not match the fingerprint recorded in "
-                f"{CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files are corrupt "
-                "or were edited; restore them or distill the student again"
+                f"the weights or settings in {str(directory)!r} do not match the fingerprint "
+                f"recorded in {CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files "
+                "are corrupt or were edited; restore them or distill the student again"
             )
         path = _student_backbone(config, directory)
         if config.trust_remote_code and trust_remote_code is not True:
