@@ -179,6 +179,10 @@ def test_work_dir_of_the_user_is_refused_and_kept(tmp_path, beir, tiny_backbone,
     argv[argv.index(str(work))] = str(fresh)
     assert cli.main([*argv, "--checkpoint-every", "1"]) == 0
     assert (fresh / ".d2llm-work").is_file()
+    # one written before the marker existed holds only the stages' folders: adopted
+    (fresh / ".d2llm-work").unlink()
+    assert cli.main([*argv, "--checkpoint-every", "1", "--max-steps", "2", "--resume"]) == 0
+    assert (fresh / ".d2llm-work").is_file()
     (fresh / "checkpoints" / "notes.txt").write_text("kept")
     assert cli.main(argv) == 0
     assert (fresh / "checkpoints" / "notes.txt").read_text() == "kept"

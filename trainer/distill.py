@@ -56,6 +56,7 @@ from llama_index_d2llm.trainer.queries import (
     split_queries,
 )
 from llama_index_d2llm.trainer.training import (
+    CHECKPOINTS_DIR,
     STUDENT_DIR,
     DistillationTrainer,
     StepCallback,
@@ -74,6 +75,7 @@ DISTILLED_FILES = (*STUDENT_FILES, DISTILL_CONFIG_NAME, SUMMARY_NAME)
 DEFAULT_STUDENT_NEGATIVES = 16
 #: Written into every work directory the tool makes: only such a folder is ever cleaned up.
 WORK_MARKER = ".d2llm-work"
+_WORK_ENTRIES = frozenset({"queries", "negatives", "teacher", "token_states", CHECKPOINTS_DIR})
 
 
 def resolve_config(config: DistillConfig) -> DistillConfig:
@@ -114,8 +116,7 @@ def check_work_dir(config: DistillConfig) -> Path:
     A fresh run clears old checkpoints in it, so a folder of the user's is refused.
     """
     work = config.work_path.expanduser().resolve()
-    if work.exists() and (not work.is_dir() or (
-            any(work.iterdir()) and not (work / WORK_MARKER).exists())):
+    if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not _made_here(work))):
         raise ConfigError(
             f"--work-dir {str(work)!r} exists and was not made by d2llm-rag (it has no "
             f"{WORK_MARKER} file); a run cleans up in its work directory: choose a new or empty "
@@ -123,6 +124,18 @@ def check_work_dir(config: DistillConfig) -> Path:
             f"{WORK_MARKER} file in it)"
         )
     return work
+
+
+def _made_here(work: Path) -> bool:
+    """Marked by this tool, or written before the marker existed: only the stages' folders,
+    and checkpoints that are all the trainer's."""
+    if (work / WORK_MARKER).exists():
+        return True
+    if not {entry.name for entry in work.iterdir()} <= _WORK_ENTRIES:
+        return False
+    checkpoints = work / CHECKPOINTS_DIR
+    return not checkpoints.exists() or all(
+        entry.name.startswith(("step-", ".checkpoint-")) for entry in checkpoints.iterdir())
 
 
 def claim_work_dir(config: DistillConfig) -> Path:
