@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from llama_index_d2llm.student.files import default_mode
+
 logger = logging.getLogger(__name__)
 
 ROWS_FORMAT = "d2llm-rows-v1"
@@ -40,6 +42,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, default_mode())  # mkstemp's 0600 would stay on the renamed file
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()

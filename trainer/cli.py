@@ -202,6 +202,11 @@ def _distill_parser(commands: Any) -> None:
         group = parser.add_argument_group(title)
         for flag, dest, kind, text in options:
             _add(group, flag, dest, kind, text, _DEFAULTS[dest])
+        if title == "data":
+            group.add_argument("--exclude", dest="exclude", action="append", metavar="GLOB",
+                               default=argparse.SUPPRESS,
+                               help="leave files matching this glob out of a --corpus folder, "
+                                    "e.g. '*.bin' (repeatable) (default: none)")
         if title == "student":
             group.add_argument("--frozen-backbone", dest="frozen_backbone",
                                action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -287,6 +292,9 @@ def _eval_parser(commands: Any) -> None:
                              "WORK_DIR/token_states); only for students without LoRA")
     parser.add_argument("--output", type=Path, metavar="JSON",
                         help="also write the metrics to this file")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a student whose backbone runs its own Python code (off "
+                             "unless asked: a student directory cannot turn it on)")
     parser.add_argument("--runs-output", type=Path, metavar="JSON",
                         help="write the student's first-stage and reranked runs to this file")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -298,6 +306,11 @@ def _eval_parser(commands: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     """A DistillConfig: defaults, then ``--config``, then the options given."""
     base = DistillConfig.from_json_file(args.config).to_dict() if args.config else {}
+    if base.pop("trust_remote_code", False) and not getattr(args, "trust_remote_code", False):
+        # a saved config may come with a downloaded student: only the flag runs model code
+        logger.warning("%s sets trust_remote_code, which only the --trust-remote-code flag "
+                       "can turn on: models that need their own code will be refused",
+                       args.config)
     given = {k: v for k, v in vars(args).items() if k in _DEFAULTS}
     losses = dict(base.get("losses", {}))
     losses.update({k[len("loss_"):]: v for k, v in vars(args).items() if k.startswith("loss_")})
@@ -351,7 +364,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         from llama_index_d2llm.student import D2LLMStudent
 
         student = D2LLMStudent.from_pretrained(args.student, device=args.device,
-                                               dtype=args.dtype)
+                                               dtype=args.dtype,
+                                               trust_remote_code=args.trust_remote_code)
         for kind in ("passage", "query"):
             limit = getattr(args, f"max_{kind}_length")
             if limit is not None:

@@ -44,6 +44,7 @@ class DistillConfig:
     qrels: str | None = None
     pairs: str | None = None
     work_dir: str | None = None
+    exclude: list[str] | None = None
     dev_fraction: float = 0.1
     queries_per_passage: int = 1
     max_generated_passages: int | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -142,6 +143,9 @@ def _load_documents(root: Path, *, max_tokens: int | None, tokenizer: Any, chunk
     from llama_index.core import SimpleDirectoryReader
 
     splitter = _splitter(max_tokens, tokenizer, chunk_overlap)
+    # absolute, as the reader's file paths are: a relative folder ("./my_docs") would not
+    # contain them
+    root = Path(os.path.abspath(root))
     try:
         if root.is_dir():
             reader = SimpleDirectoryReader(input_dir=str(root), recursive=True, exclude=exclude,
@@ -174,7 +178,9 @@ def _load_documents(root: Path, *, max_tokens: int | None, tokenizer: Any, chunk
 def _read_file(file: Path, reader: Any) -> list[str]:
     """The texts of one file (several for paged formats such as PDF)."""
     suffix = file.suffix.lower()
-    fix = f"remove it or leave it out with exclude=['*{suffix or file.name}']"
+    pattern = f"*{suffix or file.name}"
+    fix = (f"remove it or leave it out with exclude=['{pattern}'] (d2llm-rag distill: "
+           f"--exclude '{pattern}')")
     if suffix in _MEDIA_SUFFIXES:
         raise CorpusError(f"{str(file)!r}: no reader turns {suffix} files into text: {fix}")
     known = suffix in type(reader).supported_suffix_fn() or suffix in reader.file_extractor

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,12 @@ from llama_index_d2llm.student.backbone import (
     resolve_device,
 )
 from llama_index_d2llm.student.config import CONFIG_NAME
-from llama_index_d2llm.student.model import replace_directory
+from llama_index_d2llm.student.files import (
+    apply_default_modes,
+    make_staging_dir,
+    replace_directory,
+)
+from llama_index_d2llm.student.model import STUDENT_FILES, check_student_target
 from llama_index_d2llm.trainer.config import (
     DISTILL_CONFIG_NAME,
     NO_TEACHER,
@@ -57,6 +61,7 @@ from llama_index_d2llm.trainer.queries import (
     split_queries,
 )
 from llama_index_d2llm.trainer.training import (
+    CHECKPOINTS_DIR,
     STUDENT_DIR,
     DistillationTrainer,
     StepCallback,
@@ -68,9 +73,14 @@ from llama_index_d2llm.trainer.training import (
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "training_summary.json"
+#: What ``distill`` writes into a student directory: anything else there is the user's.
+DISTILLED_FILES = (*STUDENT_FILES, DISTILL_CONFIG_NAME, SUMMARY_NAME)
 # judged queries mine this many negatives with the student each epoch: on SciFact dev 16 (from
 # the nearest 50) raised the first stage's nDCG@10 from 0.573 to 0.688 (benchmarks/scifact.py)
 DEFAULT_STUDENT_NEGATIVES = 16
+#: Written into every work directory the tool makes: only such a folder is ever cleaned up.
+WORK_MARKER = ".d2llm-work"
+_WORK_ENTRIES = frozenset({"queries", "negatives", "teacher", "token_states", CHECKPOINTS_DIR})
 
 
 def resolve_config(config: DistillConfig) -> DistillConfig:
@@ -102,13 +112,78 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
 
 
 def check_output(path: str | os.PathLike) -> Path:
-    """The output may be new or a student written before; never another folder of the user's."""
+    """The output may be new or a student written before; never another folder of the user's,
+    and never one holding files besides the student's (they would be lost when it is swapped)."""
     output = Path(path).expanduser().resolve()
     if output.exists() and (not output.is_dir() or (
             any(output.iterdir()) and not (output / CONFIG_NAME).exists())):
         raise ConfigError(f"--output {str(output)!r} exists and is not a D2LLM student; it would "
                           "be replaced: choose a new directory")
+    check_student_target(output, DISTILLED_FILES)
     return output
+
+
+def check_work_dir(config: DistillConfig) -> Path:
+    """The work directory may be new, empty, or one this tool made (it holds ``WORK_MARKER``).
+
+    A fresh run clears old checkpoints in it, so a folder of the user's is refused.
+    """
+    work = config.work_path.expanduser().resolve()
+    if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not _made_here(work))):
+        raise ConfigError(
+            f"--work-dir {str(work)!r} exists and was not made by d2llm-rag (it has no "
+            f"{WORK_MARKER} file); a run cleans up in its work directory: choose a new or empty "
+            f"folder (if it is the work directory of an earlier run, create an empty "
+            f"{WORK_MARKER} file in it)"
+        )
+    return work
+
+
+def _made_here(work: Path) -> bool:
+    """Marked by this tool, or written before the marker existed: only the stages' folders,
+    and checkpoints that are all the trainer's."""
+    if (work / WORK_MARKER).exists():
+        return True
+    if not {entry.name for entry in work.iterdir()} <= _WORK_ENTRIES:
+        return False
+    checkpoints = work / CHECKPOINTS_DIR
+    return not checkpoints.exists() or all(
+        entry.name.startswith(("step-", ".checkpoint-")) for entry in checkpoints.iterdir())
+
+
+def claim_work_dir(config: DistillConfig) -> Path:
+    """Create the work directory (checked by ``check_work_dir``) and mark it as the tool's."""
+    work = check_work_dir(config)
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / WORK_MARKER
+    if not marker.exists():
+        marker.write_text("made by d2llm-rag distill: caches and checkpoints of a run\n")
+    return work
+
+
+def check_model_paths(config: DistillConfig) -> None:
+    """A --student/--teacher meant as a local folder must exist (not end as a hub id error)."""
+    for flag, name in (("--student", config.student), ("--teacher", config.teacher)):
+        if name is None:
+            continue
+        try:
+            path = resolve_backbone(name)
+        except FileNotFoundError:
+            raise ConfigError(f"{flag} {name!r}: the path does not exist; pass a local model "
+                              "folder, a hub id cached locally, or leave it out for the "
+                              "offline Gemma 3 270M") from None
+        if Path(path).is_dir():  # a model that needs its own code fails now, not after hours
+            from transformers import AutoConfig
+
+            try:
+                AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+            except ValueError as exc:
+                if "trust_remote_code" not in str(exc):
+                    raise
+                raise ConfigError(
+                    f"{flag} {name!r} needs to run its own Python code to load, which is off "
+                    "unless asked: pass --trust-remote-code if you trust its source, or use "
+                    "another model") from exc
 
 
 @dataclass
@@ -128,13 +203,12 @@ def prepare_data(config: DistillConfig, *, teacher: Any = None,
 
     The teacher is loaded here unless given, and unloaded before returning.
     """
-    work = config.work_path
-    work.mkdir(parents=True, exist_ok=True)
     show = config.show_progress
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    passages, queries, pairs = _load_inputs(config)
-    timings["load_s"] = time.perf_counter() - start
+    passages, queries, pairs = _load_inputs(config)  # before the work directory: a bad input
+    timings["load_s"] = time.perf_counter() - start  # must not leave an empty one behind
+    work = claim_work_dir(config)
     owns_teacher = teacher is None
     if teacher is None and config.teacher != NO_TEACHER:
         teacher = _load_teacher(config, device or resolve_device(config.device))
@@ -176,6 +250,11 @@ def distill(config: DistillConfig, *, teacher: Any = None,
     """
     config = resolve_config(config)
     output = check_output(config.output)
+    work = check_work_dir(config)
+    if work == output or output in work.parents:
+        raise ConfigError(f"--work-dir {str(work)!r} is inside --output {str(output)!r}, which "
+                          "is replaced whole when the student is written: put it beside")
+    check_model_paths(config)
     accelerator = make_accelerator(config)
     if not accelerator.is_local_main_process:
         config.show_progress = False
@@ -225,7 +304,8 @@ def _load_inputs(config: DistillConfig
         reserved = len(tokenizer("Passage: ", add_special_tokens=True)["input_ids"]) + 1
         passages = load_corpus(config.corpus,
                                max_tokens=max(16, config.max_passage_length - reserved),
-                               tokenizer=tokenizer, show_progress=config.show_progress)
+                               tokenizer=tokenizer, exclude=config.exclude,
+                               show_progress=config.show_progress)
         if len(passages) < config.num_negatives + 1:
             raise CorpusError(
                 f"the corpus has {len(passages)} passages, too few to mine "
@@ -331,14 +411,15 @@ def save_distilled(student: D2LLMStudent, config: DistillConfig, result: Trainin
                    output: Path, *, timings: dict[str, float] | None = None,
                    data: dict[str, Any] | None = None) -> Path:
     """The student + ``distill_config.json`` + ``training_summary.json``, swapped in whole."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    staging = make_staging_dir(output.parent, f".{output.name}.tmp-")
     try:
         written = student.save_pretrained(staging / "student")
         config.to_json_file(written / DISTILL_CONFIG_NAME)
         summary = {"training": result.__dict__, "timings": timings or {}, "data": data or {},
                    "fingerprint": student.config.fingerprint}
         (written / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        apply_default_modes(written)
+        check_student_target(output, DISTILLED_FILES)  # again: files may have appeared since
         replace_directory(written, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -37,6 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
     load_tokenizer,
+    refuse_remote_code,
     resolve_backbone,
     resolve_device,
     resolve_dtype,
@@ -157,11 +158,15 @@ class Teacher:
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        path = resolve_backbone(name_or_path)
+        path = name_or_path
         try:
+            path = resolve_backbone(name_or_path)
             tokenizer = load_tokenizer(path, trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                          trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            refuse_remote_code(path, exc)
+            raise
         except OSError as exc:
             raise TeacherError(
                 f"could not load the teacher {path!r}: {exc}. Pass a local directory with a "

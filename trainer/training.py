@@ -202,6 +202,15 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def clear_checkpoints(root: Path) -> None:
+    """Delete the checkpoints a run wrote under ``root`` (and its half-written ones); nothing
+    else there: the folder may be shared with files that are not the trainer's."""
+    if not root.is_dir():
+        return
+    for path in [*list_checkpoints(root), *root.glob(".checkpoint-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(config: DistillConfig) -> Path | None:
     checkpoints = list_checkpoints(checkpoint_root(config))
     return checkpoints[-1] if checkpoints else None
@@ -344,8 +353,8 @@ class DistillationTrainer:
             state.update({k: saved.get(k, state[k]) for k in MINING_STATE_KEYS})
             state["resumed_from_step"] = saved["step"]
             logger.info("resuming from %s (step %d)", resume_from, saved["step"])
-        elif accelerator.is_main_process and self.root.exists():
-            shutil.rmtree(self.root)  # a fresh run: stale checkpoints must not be resumed later
+        elif accelerator.is_main_process:
+            clear_checkpoints(self.root)  # a fresh run: stale ones must not be resumed later
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             _inner(optimizer), _warmup(state["warmup_steps"]), last_epoch=-1)
         for _ in range(state["step"]):

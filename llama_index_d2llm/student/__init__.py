@@ -5,7 +5,9 @@ from llama_index_d2llm.student.errors import (
     CheckpointError,
     D2LLMError,
     DeviceError,
+    RemoteCodeError,
     StudentMismatchError,
+    UnsafeDirectoryError,
 )
 from llama_index_d2llm.student.iem import InteractionEmulation
 from llama_index_d2llm.student.model import D2LLMStudent
@@ -20,5 +22,7 @@ __all__ = [
     "InteractionEmulation",
     "LoraSettings",
     "PMAPooling",
+    "RemoteCodeError",
     "StudentMismatchError",
+    "UnsafeDirectoryError",
 ]

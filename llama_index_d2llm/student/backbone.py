@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llama_index_d2llm.student.errors import DeviceError
+from llama_index_d2llm.student.errors import DeviceError, RemoteCodeError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ DEFAULT_BACKBONE_NAME = "gemma-3-270m (offline default)"
 DEFAULT_BACKBONE_LAYERS = 13
 _DEFAULT_DIR_NAME = "gemma-3-270m-q4_k_m-dequantised-v1"
 _COMPLETE_MARKER = ".complete"
+# a Hugging Face hub id: "name" or "namespace/name"; anything else is meant as a local path
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def cache_dir() -> Path:
@@ -94,7 +97,21 @@ def resolve_backbone(name_or_path: str | None, base_dir: Path | None = None) -> 
     path = Path(name_or_path).expanduser()
     if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
         return str(base_dir / path)
-    return str(path) if path.exists() else name_or_path
+    if path.exists():
+        return str(path)
+    if not _HUB_ID.fullmatch(name_or_path) or ".." in name_or_path:
+        raise FileNotFoundError(f"no model folder at {name_or_path!r}: the path does not exist")
+    return name_or_path
+
+
+def refuse_remote_code(path: str, exc: ValueError) -> None:
+    """Transformers' refusal of custom code, re-raised with the flag that allows it."""
+    if "trust_remote_code" in str(exc):
+        raise RemoteCodeError(
+            f"the model {path!r} needs to run its own Python code to load, which is off unless "
+            "asked: if you trust its source, pass trust_remote_code=True (d2llm-rag: "
+            "--trust-remote-code); otherwise use another model"
+        ) from exc
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -159,7 +176,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        refuse_remote_code(path, exc)
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -171,6 +192,9 @@ def load_body(path: str, dtype: torch.dtype, trust_remote_code: bool = False) ->
 
     try:
         return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        refuse_remote_code(path, exc)
+        raise
     except OSError as exc:
         raise OSError(
             f"could not load the backbone {path!r}: {exc}. Pass a local directory with a "

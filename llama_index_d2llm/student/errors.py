@@ -15,3 +15,11 @@ class StudentMismatchError(D2LLMError, ValueError):
 
 class DeviceError(D2LLMError, RuntimeError):
     """A device was asked for that this machine does not have."""
+
+
+class RemoteCodeError(D2LLMError, ValueError):
+    """A model needs its own Python code to load, and the caller did not allow it."""
+
+
+class UnsafeDirectoryError(D2LLMError, ValueError):
+    """Writing where asked would delete or replace files the package did not write."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +39,13 @@ from llama_index_d2llm.student.config import (
     D2LLMConfig,
     LoraSettings,
 )
-from llama_index_d2llm.student.errors import CheckpointError
+from llama_index_d2llm.student.errors import CheckpointError, UnsafeDirectoryError
+from llama_index_d2llm.student.files import (
+    apply_default_modes,
+    make_staging_dir,
+    refuse_foreign,
+    replace_directory,
+)
 from llama_index_d2llm.student.iem import InteractionEmulation
 from llama_index_d2llm.student.pma import PMAPooling
 
@@ -48,6 +54,13 @@ logger = logging.getLogger(__name__)
 TextKind = Literal["query", "passage"]
 Task = Literal["asymmetric", "symmetric"]
 VectorsLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[float]
+
+#: What a student directory holds; anything else in one is a user's, and never dropped.
+STUDENT_FILES = (CONFIG_NAME, HEADS_NAME, ADAPTER_DIR, MERGED_BACKBONE_DIR)
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: ``extra`` key of configs whose fingerprint also covers the settings that shape the vectors
+#: (lengths, PMA heads, LoRA): absent from students saved before, whose fingerprints stay valid.
+FINGERPRINT_VERSION_KEY = "fingerprint_version"
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> hashlib._Hash:
@@ -70,6 +83,13 @@ def compute_fingerprint(config: D2LLMConfig, heads: dict[str, torch.Tensor],
                 config.query_instruction, config.passage_instruction, config.normalize]
     if config.backbone_layers is not None:  # absent from older fingerprints: keep them valid
         identity.append(("backbone_layers", config.backbone_layers))
+    if config.extra.get(FINGERPRINT_VERSION_KEY, 1) >= 2:
+        lora = config.lora
+        identity.append(("settings", config.max_query_length, config.max_passage_length,
+                         config.pma_heads, config.pma_ffn_size, config.iem_hidden_size,
+                         config.iem_cosine_skip,
+                         None if lora is None else (lora.r, lora.alpha, lora.target_modules,
+                                                    lora.layers)))
     digest.update(repr(identity).encode())
     return digest.hexdigest()[:16]
 
@@ -136,6 +156,7 @@ class D2LLMStudent(nn.Module):
             max_query_length=max_query_length, max_passage_length=max_passage_length,
             query_instruction=query_instruction, passage_instruction=passage_instruction,
             normalize=normalize, lora=copy.deepcopy(lora), trust_remote_code=trust_remote_code,
+            extra={FINGERPRINT_VERSION_KEY: 2},
         )
         if lora is not None:
             body = _wrap_lora(body, lora)
@@ -151,7 +172,12 @@ class D2LLMStudent(nn.Module):
         trainable: bool = False,
         trust_remote_code: bool | None = None,
     ) -> D2LLMStudent:
-        """Load a saved student. ``trainable=False`` merges LoRA into the backbone (faster)."""
+        """Load a saved student. ``trainable=False`` merges LoRA into the backbone (faster).
+
+        Code shipped with the backbone runs only with ``trust_remote_code=True`` from the
+        caller: the student directory's own ``trust_remote_code`` is data from whoever wrote
+        it, so it can ask for the flag but never turn it on.
+        """
         directory = Path(directory).expanduser()
         config_path = directory / CONFIG_NAME
         if not directory.is_dir():
@@ -173,14 +199,24 @@ class D2LLMStudent(nn.Module):
         fingerprint = compute_fingerprint(config, heads, adapter)
         if config.fingerprint is not None and fingerprint != config.fingerprint:
             raise CheckpointError(
-                f"the weights in {str(directory)!r} do not match the fingerprint recorded in "
-                f"{CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files are corrupt "
-                "or were edited; restore them or distill the student again"
+                f"the weights or settings in {str(directory)!r} do not match the fingerprint "
+                f"recorded in {CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files "
+                "are corrupt or were edited; restore them or distill the student again"
             )
-        remote = config.trust_remote_code if trust_remote_code is None else trust_remote_code
+        path = _student_backbone(config, directory)
+        if config.trust_remote_code and trust_remote_code is not True:
+            raise CheckpointError(
+                f"the student in {str(directory)!r} asks to run Python code shipped with its "
+                f"backbone {path!r} (trust_remote_code in {CONFIG_NAME}), which a student "
+                "directory cannot turn on by itself: if you trust that code, load it with "
+                "trust_remote_code=True (d2llm-rag: --trust-remote-code); otherwise do not "
+                "use this student"
+            )
+        remote = bool(trust_remote_code)
+        if adapter is not None:
+            _check_adapter_config(adapter_dir, config)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        path = resolve_backbone(config.backbone, base_dir=directory)
         tokenizer = load_tokenizer(path, remote)
         try:
             body = truncate_layers(load_body(path, dtype, remote), config.backbone_layers)
@@ -196,7 +232,15 @@ class D2LLMStudent(nn.Module):
         if adapter is not None:
             from peft import PeftModel
 
-            body = PeftModel.from_pretrained(body, str(adapter_dir), is_trainable=trainable)
+            try:
+                body = PeftModel.from_pretrained(body, str(adapter_dir), is_trainable=trainable)
+            except Exception as exc:  # peft and torch raise many kinds; the cause is chained
+                raise CheckpointError(
+                    f"the LoRA adapter in {str(adapter_dir)!r} does not fit the backbone "
+                    f"{path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
+                    f"{ADAPTER_CONFIG_NAME} was edited or belongs to another student; restore "
+                    "the directory or distill the student again"
+                ) from exc
             if not trainable:
                 body = body.merge_and_unload()
         student = cls(config, body, tokenizer, device, dtype)
@@ -256,15 +300,10 @@ class D2LLMStudent(nn.Module):
         """Instruction + text, truncated at the end to the student's max length, padded."""
         if kind not in ("query", "passage"):
             raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is a {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(
-                    f"text {i} is empty: empty texts have no meaning to embed; drop them first"
-                )
+        _check_texts(texts)
         instruction = (self.config.query_instruction if kind == "query"
                        else self.config.passage_instruction)
+        check_unicode(instruction, f"the {kind} instruction")
         limit = self.max_length(kind)
         encoded = self.tokenizer([instruction + t for t in texts], add_special_tokens=True,
                                  truncation=False, padding=False)
@@ -313,6 +352,7 @@ class D2LLMStudent(nn.Module):
         texts = list(texts)
         if not texts:
             return torch.empty(0, self.dimension)
+        _check_texts(texts)  # here too: an error names the text by its place in the input
         lengths = [len(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         output = torch.empty(len(texts), self.dimension)
@@ -392,8 +432,8 @@ class D2LLMStudent(nn.Module):
                 "cannot be saved on its own: load it with trainable=True, or save with merged=True"
             )
         directory = Path(directory).expanduser().resolve()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        check_student_target(directory, STUDENT_FILES)
+        work = make_staging_dir(directory.parent, f".{directory.name}.tmp-")
         try:
             config = copy.deepcopy(self.config)
             heads = {k: v.detach().float().cpu().contiguous()
@@ -417,6 +457,8 @@ class D2LLMStudent(nn.Module):
             config.fingerprint = compute_fingerprint(config, _load_safetensors(
                 work / HEADS_NAME), adapter)
             config.to_json_file(work / CONFIG_NAME)
+            apply_default_modes(work)
+            check_student_target(directory, STUDENT_FILES)  # again: it may have changed since
             replace_directory(work, directory)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -472,12 +514,78 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def replace_directory(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``; an existing target is swapped out only after success."""
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-        os.replace(source, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(source, target)
+def check_student_target(directory: Path, known: Sequence[str]) -> None:
+    """``directory`` may be written: new, empty, or a student holding only ``known`` entries.
+
+    Saving replaces the directory whole, so anything else in it (a user's folder, notes kept
+    beside a student) would be deleted: refuse instead, saying what is there.
+    """
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise UnsafeDirectoryError(f"{str(directory)!r} is a file, not a directory: save the "
+                                   "student to a new directory")
+    if any(directory.iterdir()) and not (directory / CONFIG_NAME).exists():
+        raise UnsafeDirectoryError(
+            f"{str(directory)!r} exists and is not a D2LLM student (no {CONFIG_NAME}); it would "
+            "be replaced, deleting what is in it: choose a new directory"
+        )
+    refuse_foreign(directory, known, "the student directory",
+                   "move them elsewhere or choose another directory")
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(
+                f"text {i} is empty: empty texts have no meaning to embed; drop them first"
+            )
+        check_unicode(text, f"text {i}")
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Refuse lone surrogates (e.g. from ``json`` escapes): tokenizers fail on them obscurely."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode: it holds a lone surrogate "
+            f"{text[exc.start]!r} at position {exc.start} (half of a UTF-16 pair): repair the "
+            "text, e.g. decode its source with errors='replace'"
+        ) from None
+
+
+def _student_backbone(config: D2LLMConfig, directory: Path) -> str:
+    """The backbone a saved student refers to; a missing local folder is named as such."""
+    try:
+        return resolve_backbone(config.backbone, base_dir=directory)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc}; it is the `backbone` of {str(directory / CONFIG_NAME)!r}:"
+                              " point it at the model the student was distilled from") from exc
+
+
+def _check_adapter_config(adapter_dir: Path, config: D2LLMConfig) -> None:
+    """The adapter's settings (not covered by the tensors' hash) agree with the student's."""
+    path = adapter_dir / ADAPTER_CONFIG_NAME
+    fix = "restore the student directory whole, or distill the student again"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path)!r} is missing, so the LoRA adapter cannot be "
+                              f"applied: {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not readable JSON ({exc}): {fix}") from exc
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{str(path)!r} does not hold a JSON object: {fix}")
+    lora = config.lora
+    expected = {"peft_type": "LORA", "r": lora.r, "lora_alpha": lora.alpha}
+    wrong = {key: settings.get(key) for key, value in expected.items()
+             if settings.get(key) != value}
+    if wrong:
+        raise CheckpointError(
+            f"{str(path)!r} says {wrong}, but the student was saved with "
+            f"{ {key: expected[key] for key in wrong} } ({CONFIG_NAME}): the adapter settings "
+            f"were edited and would change the vectors; {fix}"
+        )
