@@ -27,6 +27,8 @@ import torch
 from llama_index_d2llm.student import D2LLMStudent, LoraSettings
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_LAYERS,
+    DEFAULT_BACKBONE_NAME,
+    check_max_lengths,
     load_tokenizer,
     resolve_backbone,
     resolve_device,
@@ -163,6 +165,7 @@ def distill(config: DistillConfig, *, teacher: Any = None,
     """
     config = resolve_config(config)
     output = check_output(config.output)
+    check_student_lengths(config)
     accelerator = make_accelerator(config)
     if not accelerator.is_local_main_process:
         config.show_progress = False
@@ -304,14 +307,31 @@ def _top_layers_lora(config: DistillConfig, lora: LoraSettings) -> LoraSettings 
     return lora
 
 
-def _block_count(config: DistillConfig) -> int:
-    """Transformer blocks the student keeps (read from the backbone's config, no weights)."""
+def _backbone_config(config: DistillConfig) -> Any:
+    """The student backbone's Hugging Face config (no weights)."""
     from transformers import AutoConfig
 
-    backbone = AutoConfig.from_pretrained(resolve_backbone(config.student),
-                                          trust_remote_code=config.trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_backbone(config.student),
+                                      trust_remote_code=config.trust_remote_code)
+
+
+def _block_count(config: DistillConfig) -> int:
+    """Transformer blocks the student keeps (read from the backbone's config, no weights)."""
+    backbone = _backbone_config(config)
     backbone = getattr(backbone, "text_config", None) or backbone
     return config.backbone_layers or int(backbone.num_hidden_layers)
+
+
+def check_student_lengths(config: DistillConfig) -> None:
+    """Student text limits past the backbone's positions (an encoder's 512) fail before the
+    teacher runs, not when the student is built after it."""
+    tokenizer = load_tokenizer(resolve_backbone(config.student), config.trust_remote_code)
+    try:
+        check_max_lengths(_backbone_config(config), tokenizer,
+                          config.student or DEFAULT_BACKBONE_NAME,
+                          query=config.max_query_length, passage=config.max_passage_length)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def save_distilled(student: D2LLMStudent, config: DistillConfig, result: TrainingResult,
