@@ -63,3 +63,50 @@ def build_tiny_causal_lm(directory: str | Path, arch: str = "llama", hidden_size
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def build_bert_tokenizer(directory: Path, model_max_length: int = 512):
+    """A WordPiece tokenizer (BertTokenizerFast) on a small vocabulary: [CLS] text [SEP]."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,:;!?'-()")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS.lower().split()),
+             *letters, *(f"##{c}" for c in letters)]
+    ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    tokenizer = BertTokenizerFast(vocab=ids, do_lower_case=True,
+                                  model_max_length=model_max_length)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_encoder(directory: str | Path, arch: str = "bert", hidden_size: int = 32,
+                       max_positions: int = 64, seed: int = 0) -> Path:
+    """Save a tiny random BERT-family encoder (no LM head) + WordPiece tokenizer.
+
+    ``max_positions`` is small on purpose: an over-long text must be cut to it, not crash
+    the position embeddings.
+    """
+    import torch
+    from transformers import AutoModel
+
+    directory = Path(directory)
+    tokenizer = build_bert_tokenizer(directory)
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+                  pad_token_id=tokenizer.pad_token_id)
+    if arch == "bert":
+        from transformers import BertConfig
+
+        config = BertConfig(**common, hidden_size=hidden_size, num_hidden_layers=3,
+                            num_attention_heads=4, intermediate_size=2 * hidden_size)
+    elif arch == "distilbert":
+        from transformers import DistilBertConfig
+
+        config = DistilBertConfig(**common, dim=hidden_size, n_layers=3, n_heads=4,
+                                  hidden_dim=2 * hidden_size)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory

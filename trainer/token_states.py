@@ -67,13 +67,15 @@ class TokenStateCache:
                  depth: int | None = None, batch_size: int = 16, shard_texts: int = 256,
                  show_progress: bool = True):
         self.student = student
-        blocks = len(decoder_layers(student.body))
-        if depth is not None and not 0 < depth < blocks:
-            raise ValueError(f"token-state depth {depth} must be between 1 and {blocks - 1} "
-                             f"(the backbone has {blocks} blocks)")
         self.depth = depth
-        self._lower = None if depth is None else layer_slice(student.body, 0, depth, False)
-        self._upper = None if depth is None else layer_slice(student.body, depth, blocks, True)
+        self._lower = self._upper = None
+        if depth is not None:  # the whole body's states need no knowledge of its blocks
+            blocks = len(decoder_layers(student.body))
+            if not 0 < depth < blocks:
+                raise ValueError(f"token-state depth {depth} must be between 1 and {blocks - 1} "
+                                 f"(the backbone has {blocks} blocks)")
+            self._lower = layer_slice(student.body, 0, depth, False)
+            self._upper = layer_slice(student.body, depth, blocks, True)
         self.identity = backbone_identity(student, depth)
         self.directory = Path(directory) / self.identity
         self.batch_size = batch_size

@@ -22,9 +22,12 @@ from torch import nn
 
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
+    check_max_lengths,
     decoder_layers,
     load_body,
     load_tokenizer,
+    max_positions,
+    no_cache_kwargs,
     resolve_backbone,
     resolve_device,
     resolve_dtype,
@@ -109,6 +112,9 @@ class D2LLMStudent(nn.Module):
         self.backbone_dtype = dtype
         self._loaded_fingerprint: str | None = None
         self._warned_truncation: set[str] = set()
+        #: the body's position limit: no text is cut longer, whatever the config says
+        self.position_limit = max_positions(self.body.config, tokenizer)
+        self._special_tail: int | None = None
         self.to(device)
         self.backbone.to(dtype)
 
@@ -148,6 +154,8 @@ class D2LLMStudent(nn.Module):
         path = resolve_backbone(name_or_path)
         tokenizer = load_tokenizer(path, trust_remote_code)
         body = truncate_layers(load_body(path, dtype, trust_remote_code), backbone_layers)
+        check_max_lengths(body.config, tokenizer, name_or_path or DEFAULT_BACKBONE_NAME,
+                          query=max_query_length, passage=max_passage_length)
         config = D2LLMConfig(
             backbone=name_or_path, backbone_layers=backbone_layers,
             hidden_size=_hidden_size(body), pma_heads=pma_heads,
@@ -294,7 +302,19 @@ class D2LLMStudent(nn.Module):
 
     # ------------------------------------------------------------------ encoding
     def max_length(self, kind: TextKind) -> int:
-        return self.config.max_query_length if kind == "query" else self.config.max_passage_length
+        """The token limit of a text kind: the config's, within the body's position limit."""
+        limit = self.config.max_query_length if kind == "query" else self.config.max_passage_length
+        return min(limit, self.position_limit) if self.position_limit else limit
+
+    def _special_tokens_at_end(self) -> int:
+        """How many special tokens the tokenizer appends ([SEP] for BERT, none for Gemma)."""
+        if self._special_tail is None:
+            bare = self.tokenizer("a b", add_special_tokens=False)["input_ids"]
+            full = self.tokenizer("a b", add_special_tokens=True)["input_ids"]
+            starts = [i for i in range(len(full) - len(bare) + 1)
+                      if full[i:i + len(bare)] == bare]
+            self._special_tail = len(full) - len(bare) - starts[0] if starts and bare else 0
+        return self._special_tail
 
     def tokenize(self, texts: Sequence[str], kind: TextKind = "passage") -> dict[str, torch.Tensor]:
         """Instruction + text, truncated at the end to the student's max length, padded."""
@@ -310,7 +330,9 @@ class D2LLMStudent(nn.Module):
         ids = encoded["input_ids"]
         longest = max((len(x) for x in ids), default=0)
         if longest > limit:
-            ids = [x[:limit] for x in ids]
+            # cut the text, keep what the tokenizer appends after it (an encoder's [SEP])
+            tail = self._special_tokens_at_end()
+            ids = [x if len(x) <= limit else x[:limit - tail] + x[len(x) - tail:] for x in ids]
             message = (f"{kind} texts longer than max_{kind}_length={limit} tokens (longest "
                        f"{longest}) are truncated; raise the limit or split the text")
             if kind not in self._warned_truncation:
@@ -323,7 +345,7 @@ class D2LLMStudent(nn.Module):
     def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states of the backbone, as float32."""
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False)  # no generation: a key/value cache is waste
+                               **no_cache_kwargs(self.body))
         return output.last_hidden_state.float()
 
     def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
