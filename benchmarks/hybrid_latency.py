@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", type=Path, required=True, help="student directory")
     parser.add_argument("--data", type=Path, default=SCIFACT, help="BEIR SciFact folder")
     parser.add_argument("--qdrant-path", type=Path, default=Path("runs/latency/qdrant"))
-    parser.add_argument("--queries", type=int, default=100, help="claims timed (each mode)")
+    parser.add_argument("--queries", type=int, default=50, help="claims timed (each mode)")
     parser.add_argument("--output", type=Path,
                         default=Path(__file__).parent / "results" / "hybrid-latency-cpu.json")
     args = parser.parse_args(argv)
