@@ -28,11 +28,10 @@ def ingest(store, embed, data, batch: int = 256) -> float:
 
     from llama_index_d2llm.qdrant import point_key
 
-    if store.client.collection_exists(store.collection_name) and store.client.count(
-            store.collection_name).count == len(data.corpus):
-        return 0.0
+    done = (store.client.count(store.collection_name).count
+            if store.client.collection_exists(store.collection_name) else 0)
     start = time.perf_counter()
-    for first in range(0, len(data.corpus), batch):
+    for first in range(done // batch * batch, len(data.corpus), batch):  # resumes
         passages = data.corpus[first:first + batch]
         nodes = [TextNode(text=p.text, id_=point_key(_uuid(p.id)), metadata={"doc": p.id})
                  for p in passages]
@@ -56,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", type=Path, required=True, help="student directory")
     parser.add_argument("--data", type=Path, default=SCIFACT, help="BEIR SciFact folder")
     parser.add_argument("--qdrant-path", type=Path, default=Path("runs/latency/qdrant"))
-    parser.add_argument("--queries", type=int, default=100, help="claims timed (each mode)")
+    parser.add_argument("--queries", type=int, default=50, help="claims timed (each mode)")
+    parser.add_argument("--max-passages", type=int, help="index only the first N passages")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path,
                         default=Path(__file__).parent / "results" / "hybrid-latency-cpu.json")
     args = parser.parse_args(argv)
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from llama_index_d2llm.trainer.evaluation import load_beir, write_json
 
     data = load_beir(args.data, "train")
+    data.corpus = data.corpus[:args.max_passages] if args.max_passages else data.corpus
     embed = D2LLMEmbedding(model_name=str(args.student), device="cpu")
     args.qdrant_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     client = QdrantClient(path=str(args.qdrant_path))
     try:
         store = D2LLMVectorStore("scifact", embed, client=client)

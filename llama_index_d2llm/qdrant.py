@@ -15,10 +15,15 @@ Why a fingerprint: the IEM only means something on vectors made by the same stud
 collection metadata (``client.update_collection(name, metadata=...)``, read back from
 ``get_collection(name).config.metadata``; durable in local mode and on a server) records the
 student's fingerprint. Ingestion through ``VectorStoreIndex.from_documents`` only calls the
-embed model, so nobody records it there. Either record it explicitly with
+embed model; a ``D2LLMVectorStore`` (``store.py``) knows its student, so it checks and records
+it at ingestion. Into a plain ``QdrantVectorStore``, either record it explicitly with
 :func:`record_student` after ingestion, or let the first rescoring do it: it re-encodes a few
 stored nodes and records the student only when their vectors match the stored ones (cosine
 > 0.99). A collection whose record or vectors belong to another student is refused.
+
+Hybrid collections also hold a BM25 sparse vector per point (``sparse.py``); the search call
+then fuses the dense and sparse searches in Qdrant (:func:`search_with_vectors` with
+``sparse_query``).
 """
 
 from __future__ import annotations
@@ -605,7 +610,8 @@ async def acheck_student(vector_store: Any, student: Any, *, record: bool = True
 class StudentGuard:
     """Runs :func:`check_student` once per (collection, student) and remembers the answer.
 
-    Rescoring classes hold one, so that only their first query pays for the check. An empty
+    Rescoring classes and ``D2LLMVectorStore`` hold one, so that only their first query (or
+    write) pays for the check. An empty
     collection is checked again next time (documents may arrive later). A collection
     re-ingested by another student while a retriever lives is not noticed; build a new
     retriever (or call ``reset()``) after re-ingesting.

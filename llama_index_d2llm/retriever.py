@@ -48,7 +48,8 @@ class D2LLMRetriever(BaseRetriever):
     Args:
         index: a ``VectorStoreIndex`` over a ``QdrantVectorStore``; its embed model is used
             when it is a ``D2LLMEmbedding``. Or pass ``vector_store`` and ``embed_model``.
-        similarity_top_k: candidates fetched by the first-stage vector search.
+        similarity_top_k: candidates fetched by the first stage (when hybrid: the dense and
+            the sparse top similarity_top_k each, fused, cut to similarity_top_k).
         top_n: nodes returned after rescoring (score = IEM logit; the first-stage cosine is
             kept in ``node.metadata["retrieval_score"]``, hidden from the LLM).
         task: IEM branch, "asymmetric" (query -> passage) or "symmetric".
