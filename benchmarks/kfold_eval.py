@@ -1,0 +1,213 @@
+"""Evaluation half of ``scifact_kfold.py``: each student searched as a user's retriever does.
+
+Per student: the corpus goes into a local Qdrant collection through ``D2LLMVectorStore``
+(dense vectors + BM25 sparse vectors; the passage vectors come from the distiller's cached
+backbone states, which the store's own re-encoding check verifies at ingestion), then every
+held-out claim is retrieved with ``D2LLMRetriever`` (``similarity_top_k=100``, ``top_n=100``),
+dense and hybrid, with the IEM weight the student recorded; from the same candidates also the
+first stage's order (weight 0) and the IEM's alone (weight 1). BM25 alone is measured twice:
+rank_bm25 (the trainer's miner) and Qdrant's sparse vectors. Query latency: median over
+``latency_queries`` claims of a whole ``retrieve`` call (query encoding included), dense and
+hybrid, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+METRICS = ["ndcg@10", "recall@100"]
+ROWS = ("bm25", "qdrant_bm25", "dense", "dense_iem_alone", "dense_iem", "hybrid",
+        "hybrid_iem_alone", "hybrid_iem")
+NAMESPACE = uuid.UUID("5d1f1c0e-9a1e-4f7e-8c55-2b3c4d5e6f70")
+
+
+def _point_id(passage_id: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, passage_id))
+
+
+def build_collection(student, embed, passages, cache_dir: Path, location: Path):
+    """A hybrid local Qdrant collection of the corpus, vectors from cached backbone states."""
+    import torch
+    from llama_index.core.schema import TextNode
+    from qdrant_client import QdrantClient
+
+    from llama_index_d2llm.store import D2LLMVectorStore
+    from llama_index_d2llm.trainer.token_states import TokenStateCache
+
+    lora = student.config.lora
+    cache = TokenStateCache(student, cache_dir, depth=lora.first_tuned_layer if lora else None,
+                            show_progress=False)
+    texts = [p.text for p in passages]
+    cache.ensure(texts, "passage")
+    with torch.inference_mode():
+        vectors = torch.cat([cache.vectors(texts[i:i + 256], "passage").float().cpu()
+                             for i in range(0, len(texts), 256)])
+    client = QdrantClient(path=str(location))
+    by_id = {p.id: vectors[i] for i, p in enumerate(passages)}
+    if client.collection_exists("scifact"):
+        client.delete_collection("scifact")
+    store = D2LLMVectorStore("scifact", embed, client=client)
+    nodes = [TextNode(id_=_point_id(p.id), text=p.text, embedding=vectors[i].tolist(),
+                      metadata={"passage_id": p.id}, excluded_embed_metadata_keys=["passage_id"],
+                      excluded_llm_metadata_keys=["passage_id"])
+             for i, p in enumerate(passages)]
+    for start in range(0, len(nodes), 512):
+        store.add(nodes[start:start + 512])
+    return client, store, by_id
+
+
+def retrieve_runs(student, embed, store, queries: dict[str, str], query_vectors,
+                  passage_vectors: dict, stage: str) -> dict[str, dict]:
+    """Runs of one first stage: as the retriever ranks (the recorded IEM weight), and from the
+    same candidates the first stage's own order (weight 0) and the IEM's alone (weight 1)."""
+    import torch
+    from llama_index.core.schema import QueryBundle
+
+    from llama_index_d2llm.postprocessor import RETRIEVAL_SCORE_KEY
+    from llama_index_d2llm.retriever import D2LLMRetriever
+
+    retriever = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=100,
+                               top_n=100, hybrid=stage == "hybrid")
+    runs: dict[str, dict] = {stage: {}, f"{stage}_iem_alone": {}, f"{stage}_iem": {}}
+    for query_id, text in queries.items():
+        bundle = QueryBundle(query_str=text, embedding=query_vectors[query_id])
+        nodes = retriever.retrieve(bundle)
+        ids = [n.node.metadata["passage_id"] for n in nodes]
+        runs[f"{stage}_iem"][query_id] = {pid: float(n.score)
+                                          for pid, n in zip(ids, nodes, strict=True)}
+        runs[stage][query_id] = {pid: float(n.node.metadata[RETRIEVAL_SCORE_KEY])
+                                 for pid, n in zip(ids, nodes, strict=True)}
+        logits = student.score(query_vectors[query_id],
+                               torch.stack([passage_vectors[pid] for pid in ids]))
+        runs[f"{stage}_iem_alone"][query_id] = dict(zip(ids, logits.tolist(), strict=True))
+    return runs
+
+
+def bm25_alone_run(store, passages, queries: dict[str, str]) -> dict:
+    """Qdrant's BM25 alone, scored in memory exactly as Qdrant scores the collection's sparse
+    vectors (tests/test_dev_ranking.py checks it against a collection); the local mode's
+    pure-Python sparse search would take 0.5 s a query here."""
+    from llama_index_d2llm.trainer.dev_ranking import SparseBM25
+
+    index = SparseBM25([p.text for p in passages], store.bm25)
+    return {q: {passages[i].id: s for i, s in index.search(text, 100)}
+            for q, text in queries.items()}
+
+
+def weight_curve(runs: dict, qrels: dict, stage: str) -> dict[str, float]:
+    """Held-out nDCG@10 of the same candidates at every IEM weight of the distiller's grid:
+    what the recorded weight could have been (an oracle, reported, never used to choose)."""
+    import torch
+
+    from llama_index_d2llm.student.blend import WEIGHT_GRID, blend_ranks
+    from llama_index_d2llm.trainer.evaluation import evaluate_run
+
+    curve = {}
+    for weight in WEIGHT_GRID:
+        run = {}
+        for query_id, first in runs[stage].items():
+            ids = sorted(first, key=lambda d: -first[d])  # first-stage order
+            logits = torch.tensor([runs[f"{stage}_iem_alone"][query_id][d] for d in ids])
+            run[query_id] = dict(zip(ids, blend_ranks(logits, weight).tolist(), strict=True))
+        curve[f"{weight:.1f}"] = evaluate_run(qrels, run, ["ndcg@10"])["ndcg@10"]
+    return curve
+
+
+def latency(embed, store, queries: list[str], stage: str) -> dict[str, float]:
+    """Median and quartiles of whole retrieve() calls (query encoding included), in ms."""
+    from llama_index_d2llm.retriever import D2LLMRetriever
+
+    retriever = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=100,
+                               top_n=10, hybrid=stage == "hybrid")
+    retriever.retrieve(queries[0])  # warm-up
+    times = []
+    for text in queries:
+        start = time.perf_counter()
+        retriever.retrieve(text)
+        times.append(1000 * (time.perf_counter() - start))
+    quartiles = statistics.quantiles(times, n=4)
+    return {"median_ms": statistics.median(times), "q1_ms": quartiles[0],
+            "q3_ms": quartiles[2], "queries": len(times)}
+
+
+def evaluate_student(work: Path, data: Path, name: str, queries: dict[str, str],
+                     qrels: dict, latency_queries: int) -> dict:
+    from llama_index_d2llm import D2LLMEmbedding, D2LLMStudent
+    from llama_index_d2llm.trainer.corpus import load_corpus
+    from llama_index_d2llm.trainer.evaluation import BeirData, bm25_run, evaluate_run
+
+    passages = load_corpus(data / "corpus.jsonl")
+    student = D2LLMStudent.from_pretrained(work / "students" / name)
+    embed = D2LLMEmbedding.from_student(student)
+    timings = {}
+    start = time.perf_counter()
+    client, store, passage_vectors = build_collection(
+        student, embed, passages, work / "distill" / "token_states", work / "qdrant" / name)
+    timings["ingest_s"] = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        vectors = {q: embed.get_query_embedding(t) for q, t in queries.items()}
+        timings["encode_queries_s"] = time.perf_counter() - start
+        runs = {"bm25": bm25_run(BeirData(passages, queries, qrels), top_k=100),
+                "qdrant_bm25": bm25_alone_run(store, passages, queries)}
+        for stage in ("dense", "hybrid"):
+            runs.update(retrieve_runs(student, embed, store, queries, vectors, passage_vectors,
+                                      stage))
+        result = {"queries": len(queries), "iem_weights": dict(student.config.iem_weights),
+                  "ndcg@10_by_iem_weight": {stage: weight_curve(runs, qrels, stage)
+                                            for stage in ("dense", "hybrid")},
+                  "fingerprint": student.fingerprint, "timings": timings,
+                  **{row: evaluate_run(qrels, runs[row], METRICS) for row in ROWS}}
+        sample = list(queries.values())[:latency_queries]
+        if sample:
+            result["latency"] = {stage: latency(embed, store, sample, stage)
+                                 for stage in ("dense", "hybrid")}
+        return result
+    finally:
+        client.close()
+
+
+def evaluate_jobs(work: Path, data: Path, queries: dict[str, str], qrels: dict, jobs: list,
+                  variants: list, docs_only: list[str], latency_queries: int) -> None:
+    from scifact_kfold import mean_std, save
+
+    results = {}
+    for name, _, held_out, _ in jobs:
+        path = work / "eval" / f"{name}.json"
+        if not (work / "students" / name / "d2llm_config.json").exists():
+            print(f"{name}: no student yet, skipped", flush=True)
+            continue
+        if not path.exists():
+            subset = {q: queries[q] for q in sorted(held_out)}
+            result = evaluate_student(work, data, name, subset, {q: qrels[q] for q in subset},
+                                      latency_queries if name.endswith("fold0") or
+                                      name.endswith("-docs") else 0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+        results[name] = json.loads(path.read_text())
+        print(name, {row: round(results[name][row]["ndcg@10"], 4) for row in ROWS}, flush=True)
+    summary = {}
+    for variant, _ in variants:
+        folds = [results[n] for n in sorted(results) if n.startswith(f"{variant}-fold")]
+        if not folds:
+            continue
+        summary[variant] = {"folds": len(folds), **{
+            row: {metric: mean_std([f[row][metric] for f in folds]) for metric in METRICS}
+            for row in ROWS}}
+        summary[variant]["iem_gain_hybrid_ndcg@10"] = mean_std(
+            [f["hybrid_iem"]["ndcg@10"] - f["hybrid"]["ndcg@10"] for f in folds])
+        summary[variant]["iem_gain_dense_ndcg@10"] = mean_std(
+            [f["dense_iem"]["ndcg@10"] - f["dense"]["ndcg@10"] for f in folds])
+        summary[variant]["iem_weights"] = [f["iem_weights"] for f in folds]
+    for name in docs_only:
+        if f"{name}-docs" in results:
+            summary[f"{name}-docs"] = results[f"{name}-docs"]
+    save(work, {"results": summary, "per_student": results})
+    print(json.dumps({v: {row: {m: round(s[row][m]["mean"], 4) for m in METRICS}
+                          for row in ROWS} for v, s in summary.items() if "dense" in s
+                      and isinstance(s["dense"], dict) and "ndcg@10" in s["dense"]
+                      and isinstance(s["dense"]["ndcg@10"], dict)}, indent=1), flush=True)
