@@ -22,6 +22,7 @@ from pathlib import Path
 METRICS = ["ndcg@10", "recall@100"]
 ROWS = ("bm25", "qdrant_bm25", "dense", "dense_iem_alone", "dense_iem", "hybrid",
         "hybrid_iem_alone", "hybrid_iem")
+DTYPE = "bfloat16"
 NAMESPACE = uuid.UUID("5d1f1c0e-9a1e-4f7e-8c55-2b3c4d5e6f70")
 
 
@@ -141,7 +142,8 @@ def evaluate_student(work: Path, data: Path, name: str, queries: dict[str, str],
     from llama_index_d2llm.trainer.evaluation import BeirData, bm25_run, evaluate_run
 
     passages = load_corpus(data / "corpus.jsonl")
-    student = D2LLMStudent.from_pretrained(work / "students" / name)
+    # the dtype the states were cached in (a timing probe under load may pick the other one)
+    student = D2LLMStudent.from_pretrained(work / "students" / name, dtype=DTYPE)
     embed = D2LLMEmbedding.from_student(student)
     timings = {}
     start = time.perf_counter()

@@ -227,3 +227,19 @@ def test_untrained_iem_ranks_like_cosine_and_old_heads_still_load(tmp_path, tiny
     loaded = D2LLMStudent.from_pretrained(out, dtype="float32")
     assert not loaded.iem.cosine_skip
     torch.testing.assert_close(loaded.score(q, p), bare.score(q, p))
+
+
+def test_the_cpu_dtype_probe_is_decided_once_per_machine(tmp_path, monkeypatch):
+    """A probe under load can flip; the dtype is part of cache keys, so it must not."""
+    from llama_index_d2llm.student import backbone
+
+    answers = iter([True, False, False, True])
+    monkeypatch.setenv("D2LLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backbone, "_probe_fast_bf16", lambda: next(answers))
+    seen = []
+    for _ in range(3):
+        backbone.cpu_has_fast_bf16.cache_clear()
+        seen.append(backbone.cpu_has_fast_bf16())
+    backbone.cpu_has_fast_bf16.cache_clear()
+    assert seen == [True, True, True]
+    assert (tmp_path / "cpu-dtype.json").exists()

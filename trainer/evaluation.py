@@ -341,16 +341,18 @@ def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tenso
 
 def rerank(student: D2LLMStudent, run: RunDict, query_vectors: dict[str, torch.Tensor],
            passage_vectors: dict[str, torch.Tensor], rerank_k: int,
-           task: str = "asymmetric") -> RunDict:
-    """IEM logits for each query's top ``rerank_k`` first-stage passages."""
+           task: str = "asymmetric", first_stage: str = "dense") -> RunDict:
+    """Each query's top ``rerank_k`` first-stage passages rescored as the retriever does: the
+    IEM blended with the first stage by the weight the student recorded for it."""
     reranked: RunDict = {}
     for query_id, docs in run.items():
         top = sorted(docs, key=docs.get, reverse=True)[:rerank_k]
         if not top:
             reranked[query_id] = {}
             continue
-        scores = student.score(query_vectors[query_id],
-                               torch.stack([passage_vectors[d] for d in top]), task=task)
+        scores = student.rescore(query_vectors[query_id],
+                                 torch.stack([passage_vectors[d] for d in top]),
+                                 first_stage=first_stage, task=task)
         reranked[query_id] = dict(zip(top, scores.tolist(), strict=True))
     return reranked
 
@@ -438,7 +440,8 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
         result["hybrid"] = evaluate_run(qrels, _truncate(hybrid, top_k), metrics)
         runs["hybrid"] = hybrid
         if rerank_k:
-            hybrid_reranked = rerank(student, hybrid, by_id_q, by_id_p, rerank_k, task)
+            hybrid_reranked = rerank(student, hybrid, by_id_q, by_id_p, rerank_k, task,
+                                     first_stage="hybrid")
             result["hybrid_reranked"] = evaluate_run(qrels, hybrid_reranked, metrics)
             runs["hybrid_reranked"] = hybrid_reranked
     result["timings"] = timings

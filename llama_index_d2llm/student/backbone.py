@@ -149,28 +149,76 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+#: The CPU dtype decision, kept per machine in the cache folder.
+_CPU_DTYPE_FILE = "cpu-dtype.json"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """True where this CPU multiplies bf16 faster than fp32 (AMX, AVX512-BF16), by measurement.
 
     The CPU flags are not trusted alone: on a 2-core AVX512 VM without AMX, a 1024^2 matmul
     took 21 ms in fp32 and 68 ms in bf16 (emulated), while AMX machines run bf16 about 2x
-    faster. A probe of a few matmuls of the encoder's shape (about 0.1 s, once per process)
-    decides.
+    faster. A probe of a few matmuls of the encoder's shape decides, once per machine: the
+    answer is kept in the cache folder (``cpu-dtype.json``, keyed by the CPU model and torch
+    version), because a probe run while the CPU is busy can answer differently from one run to
+    the next, and the dtype is part of the token-state and teacher cache keys (a flip made a
+    distillation recompute every cached state). ``D2LLM_DTYPE`` overrides it.
     """
+    import json
+
+    key = f"{_cpu_model()} | torch {torch.__version__}"
+    path = cache_dir() / _CPU_DTYPE_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), bool):
+        return known[key]
+    fast = _probe_fast_bf16()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{_CPU_DTYPE_FILE}.", dir=path.parent)
+        with os.fdopen(handle, "w") as out:
+            json.dump({**known, key: fast}, out, indent=1)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except OSError as exc:  # a read-only cache costs a probe per process, nothing else
+        logger.debug("cannot keep the CPU dtype decision in %s (%s)", path, exc)
+    return fast
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _probe_fast_bf16() -> bool:
+    """Median of repeated matmul timings, fp32 against bf16 (about 0.2 s)."""
+    import statistics
+
     a32 = torch.randn(256, 640)
     b32 = torch.randn(640, 640)
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = a32.to(dtype), b32.to(dtype)
         a @ b  # warm-up
-        best = float("inf")
-        for _ in range(5):
+        runs = []
+        for _ in range(9):
             start = time.perf_counter()
             for _ in range(4):
                 a @ b
-            best = min(best, time.perf_counter() - start)
-        timings[dtype] = best
+            runs.append(time.perf_counter() - start)
+        timings[dtype] = statistics.median(runs)
     return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
 
 
