@@ -143,6 +143,8 @@ def test_guard_cuts_repeated_sentences_and_phrase_loops():
     looping = "It returns the rows of the file the rows of the file the rows of the file " * 3
     out = _guarded(re.findall(r"\S+\s*", looping))
     assert out.count("the rows of the file") <= 3 and len(out) < len(looping) // 2
+    assert _guarded(["no "] * 40) == "no " * 12
+    assert _guarded(["| ", "| ", "| ", "text ", "text ", "text"]) == "| | | text text text"
 
 
 def test_guard_keeps_text_that_only_looks_like_a_repeat():

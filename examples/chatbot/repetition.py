@@ -8,9 +8,8 @@ the stream and ends the reply at the first repeat:
   ends the reply before that line. The start of a line that could still turn into a repeat
   is held back until it either completes as one (dropped) or differs (written), so a user
   never sees the repeated copy;
-- a short phrase repeated back to back (``"a b c a b c a b c"``) ends the reply after its
-  first copy (as text streams, the copies already shown stay shown; at most
-  ``max_phrase_repeats`` of a phrase of ``max_phrase_words`` words or fewer).
+- a short phrase repeated back to back (``"a b c a b c a b c a b c"``) ends the reply (as
+  text streams, the copies already shown stay shown: a dozen words of the loop at most).
 
 ``guard_stream`` applies it to a token stream and closes the source (which stops the LLM)
 when it cuts. ``NoRepeatInReply`` is the generation-side control for ``transformers``: it bans
@@ -40,14 +39,16 @@ class RepetitionGuard:
         min_chars: units shorter than this (a closing bracket, "[or]", "e.g.", a blank line)
             may repeat freely.
         max_phrase_words: longest phrase checked for back-to-back repetition.
-        max_phrase_repeats: copies of such a phrase in a row that end the reply.
+        max_phrase_repeats, min_loop_words: a phrase written this many times in a row, and
+            over at least this many words, ends the reply.
     """
 
     def __init__(self, min_chars: int = 12, max_phrase_words: int = 8,
-                 max_phrase_repeats: int = 3):
+                 max_phrase_repeats: int = 3, min_loop_words: int = 12):
         self.min_chars = min_chars
         self.max_phrase_words = max_phrase_words
         self.max_phrase_repeats = max_phrase_repeats
+        self.min_loop_words = min_loop_words
         self.shown = ""  # what has been let through
         self._unit = ""  # the current, unfinished unit (partly shown, partly held)
         self._held = ""  # its tail not shown yet
@@ -104,11 +105,15 @@ class RepetitionGuard:
         return any(seen.startswith(key) for seen in self._seen)
 
     def _phrase_loop(self, text: str) -> bool:
+        """The text ends with one phrase written ``copies`` times in a row: at least
+        ``max_phrase_repeats`` copies and ``min_loop_words`` words ("| | |" in a table, or
+        "text text text", is not a loop yet)."""
         words = text.split()
         for size in range(1, self.max_phrase_words + 1):
-            span = size * self.max_phrase_repeats
+            copies = max(self.max_phrase_repeats, -(-self.min_loop_words // size))
+            span = size * copies
             if len(words) < span:
-                break
+                continue
             tail = [w.casefold() for w in words[-span:]]
             if all(tail[i:i + size] == tail[:size] for i in range(size, span, size)):
                 return True
