@@ -168,11 +168,15 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
         queries = {"": case["query"]}
         if case["follow_up"]:
             queries["|follow-up alone"] = case["turn"]
-        best = {}
+        best, marks = {}, []
         for name, answerer in variants.items():
             for suffix, query in queries.items():
+                if name == "order" and suffix:
+                    continue  # passage order does not read the query
                 ranked = answerer.rank(query, sources)
                 hits = [answers_question(u, case["markers"]) for u in ranked[:3]]
+                marks.append(f"{name}{suffix.replace('|follow-up alone', '/alone')} "
+                             f"{int(hits[0])}{int(any(hits))}")
                 for group in ("all", "follow-ups" if case["follow_up"] else "first turns"):
                     key = f"{name}{suffix}|{group}"
                     counts[key]["n"] += 1
@@ -180,7 +184,8 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                     counts[key]["hit@3"] += any(hits)
                 best[name + suffix] = ranked[0].text[:100]
         detail.append({"id": case["id"], "query": case["query"], "top_unit": best})
-        print(f"  {case['id']:<20} iem: {best['iem'][:70]!r}", flush=True)
+        print(f"  {case['id']:<20} hit@1,hit@3: {'  '.join(marks)}  iem's best: "
+              f"{best['iem'][:60]!r}", flush=True)
     summary = {key: {"n": c["n"], "hit@1": c["hit@1"] / c["n"], "hit@3": c["hit@3"] / c["n"]}
                for key, c in counts.items() if key != "_"}
     return {"cases": len(cases), "skipped": dict(counts["_"]), "summary": summary,
@@ -233,20 +238,25 @@ def main(argv: list[str] | None = None) -> int:
                           answer="extractive", condense="history")
         start = time.perf_counter()
         results = {"conversations": len(rows), "student": str(args.student), "top": args.top,
-                   "top_k": args.top_k, "machine": platform.platform(),
+                   "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+                   "machine": platform.platform(),
                    "retrieval": retrieval(chatbot, rows, conditions, llm, args.top)}
+        print(json.dumps(results["retrieval"]["summary"], indent=1), flush=True)
+        save(results, args.output)  # the retrieval figures now, the longer part after
         if args.extractive:
             results["extractive"] = extractive(chatbot, rows, 1, args.ablate_heading)
+            print(json.dumps(results["extractive"]["summary"], indent=1))
         results["seconds"] = round(time.perf_counter() - start, 1)
+        save(results, args.output)
     finally:
         index.client.close()
-    print(json.dumps({k: results["retrieval"]["summary"] for k in ["retrieval"]}, indent=1))
-    if args.extractive:
-        print(json.dumps(results["extractive"]["summary"], indent=1))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def save(results: dict[str, Any], output: Path | None) -> None:
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
