@@ -7,7 +7,9 @@
    settings: a few minutes on a 2-core CPU);
 2. indexes the corpus into an embedded Qdrant on disk with ``D2LLMEmbedding``;
 3. asks a few questions: for each, Qdrant's first-stage cosine ranking next to D2LLM's
-   (the IEM rescoring of the first stage's top-k), then an answer from the local LLM.
+   (the IEM rescoring of the first stage's top-k), then an answer: with the offline base
+   model, the sentences of the best passages quoted (extractive); with an instruction-tuned
+   ``--llm``, generated.
 
 Everything lands under ``--workdir`` (default ``runs/quickstart``); a second run reuses the
 student and the index. ``--quick`` is the smoke-test size (the test suite runs it with tiny
@@ -26,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from examples.chatbot.answer import ANSWER_MODES  # noqa: E402
 from examples.chatbot.cli import run_safely  # noqa: E402
 from examples.chatbot.core import (  # noqa: E402
     Chatbot,
@@ -145,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retrain", action="store_true", help="distil again even if a student "
                         "exists in the work dir")
     parser.add_argument("--llm", default="hf", help="answering LLM (see the chatbot's --llm)")
+    parser.add_argument("--answer", choices=ANSWER_MODES, default="auto",
+                        help="extractive, generate, or auto (see the chatbot's --answer)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-n", type=int, default=5)
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[2/3] indexing {args.corpus} into the embedded Qdrant in {args.workdir}",
               flush=True)
         options = ChatbotOptions(
-            docs=args.corpus, student=student_dir, llm=args.llm, state_dir=args.workdir,
+            docs=args.corpus, student=student_dir, llm=args.llm, answer=args.answer,
+            state_dir=args.workdir,
             collection="quickstart", similarity_top_k=args.top_k, top_n=args.top_n,
             rebuild=distilled,  # the quickstart's own index: a new student re-embeds it
             max_new_tokens=args.max_new_tokens or (48 if args.quick else 96))
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"      {report.summary()}")
             questions = args.questions or list(QUESTIONS[:1] if args.quick else QUESTIONS)
-            print(f"[3/3] asking {len(questions)} question(s) (LLM: {args.llm})")
+            print(f"[3/3] asking {len(questions)} question(s) (answers: {chatbot.mode_label})")
             ask_all(chatbot, questions)
         finally:
             chatbot.documents.client.close()

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from examples.chatbot.answer import ANSWER_MODES
+from examples.chatbot.condense import CONDENSE_MODES
 from examples.chatbot.core import (
     DEFAULT_COLLECTION,
     DEFAULT_STATE_DIR,
@@ -29,6 +31,15 @@ def add_chatbot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default="hf", help=f"the answering LLM: {LLM_SPEC_HELP}")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="longest answer, in tokens")
+    parser.add_argument("--answer", choices=ANSWER_MODES, default="auto",
+                        help="extractive: quote the sentences of the sources that best match the "
+                        "question; generate: the LLM writes the answer; auto (default): "
+                        "extractive with a base model such as the offline default, else "
+                        "generate")
+    parser.add_argument("--condense", choices=CONDENSE_MODES, default="auto",
+                        help="how a follow-up becomes a search query: history (the last user "
+                        "turn joined with it, no model), llm (the LLM rewrites it), auto "
+                        "(default): history with a base model, else llm")
     store = parser.add_argument_group("Qdrant")
     store.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                        help="where the embedded Qdrant and the ingestion manifests live")
@@ -57,7 +68,7 @@ def options_from_args(args: argparse.Namespace) -> ChatbotOptions:
         qdrant_url=args.qdrant_url, qdrant_api_key=args.qdrant_api_key,
         collection=args.collection, state_dir=args.state_dir, similarity_top_k=args.top_k,
         top_n=args.top_n, max_new_tokens=args.max_new_tokens, rebuild=args.rebuild,
-        device=args.device)
+        device=args.device, answer=args.answer, condense=args.condense)
 
 
 def run_safely(main: Callable[[], int | None]) -> int:

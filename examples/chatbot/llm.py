@@ -25,6 +25,8 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from pydantic import Field, PrivateAttr
 
+from examples.chatbot.repetition import NoRepeatInReply, RepetitionGuard
+
 LLM_SPEC_HELP = (
     "hf (the offline default Gemma 3 270M), hf:PATH (a local Hugging Face causal LM), "
     "ollama:MODEL (needs llama-index-llms-ollama and a running Ollama), "
@@ -74,6 +76,13 @@ class TransformersLLM(CustomLLM):
     max_complete_tokens: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     repetition_penalty: float = Field(default=1.15, gt=0.0)
+    # Tokens: no n-gram of the reply is generated twice (the prompt does not count, so the
+    # context can still be quoted). Off by default: a looping model then writes near-copies
+    # ("a dog ..." -> "aa dog ...") that no guard recognises, where without it the guard cuts
+    # the loop at its first exact repeat.
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    # Cut the reply at its first repeated line or sentence (see repetition.RepetitionGuard).
+    repetition_guard: bool = Field(default=True)
     # What LlamaIndex packs into one prompt (long prompts are slow on a CPU); a longer prompt
     # is cut to the model's own limit from the left.
     context_window: int = Field(default=4096, gt=0)
@@ -127,6 +136,11 @@ class TransformersLLM(CustomLLM):
         return min(self.context_window, int(positions or self.context_window))
 
     @property
+    def has_chat_template(self) -> bool:
+        """An instruction-tuned model ships a chat template; a base model does not."""
+        return bool(getattr(self._tokenizer, "chat_template", None))
+
+    @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
                            is_chat_model=False, model_name=self.model_path,
@@ -134,7 +148,7 @@ class TransformersLLM(CustomLLM):
 
     def _chat_template_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The model's own chat template when it has one, else a plain transcript."""
-        if getattr(self._tokenizer, "chat_template", None):
+        if self.has_chat_template:
             turns = [{"role": m.role.value, "content": m.content or ""} for m in messages]
             return self._tokenizer.apply_chat_template(turns, tokenize=False,
                                                        add_generation_prompt=True)
@@ -158,7 +172,12 @@ class TransformersLLM(CustomLLM):
                 max_new_tokens: int | None = None) -> CompletionResponseGen:
         """Generate in a thread; yield text as it comes; stop at a stop marker or on close."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
 
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
@@ -180,6 +199,10 @@ class TransformersLLM(CustomLLM):
                     if self.temperature > 0 else {"do_sample": False})
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
+        processors = LogitsProcessorList()
+        if self.no_repeat_ngram_size:
+            processors.append(NoRepeatInReply(self.no_repeat_ngram_size, ids.shape[1]))
+        guard = RepetitionGuard() if self.repetition_guard else None
         failure: list[BaseException] = []
 
         def generate() -> None:
@@ -190,24 +213,32 @@ class TransformersLLM(CustomLLM):
                         max_new_tokens=max_new_tokens,
                         repetition_penalty=self.repetition_penalty, pad_token_id=pad_id,
                         stopping_criteria=StoppingCriteriaList([_Halt()]), streamer=streamer,
-                        **sampling)
+                        logits_processor=processors, **sampling)
             except BaseException as exc:  # surfaced in the consumer's thread below
                 failure.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=generate, name="llm-generate", daemon=True)
         worker.start()
-        text = ""
+        text = shown = ""
         finished = False
         try:
             for delta in streamer:
                 text, delta, stopped = _cut_at_stop(text, delta, self.stop)
+                if guard is not None:
+                    delta = guard.feed(delta)
+                    stopped = stopped or guard.stopped
                 if delta:
-                    yield CompletionResponse(text=text, delta=delta)
+                    shown += delta
+                    yield CompletionResponse(text=shown, delta=delta)
                 if stopped:
                     break
             else:
                 finished = True
+            rest = guard.flush() if guard is not None else ""
+            if rest:
+                shown += rest
+                yield CompletionResponse(text=shown, delta=rest)
         finally:
             halt.set()
             if not finished:  # stopped early: drain so the worker's last put never blocks

@@ -2,9 +2,11 @@
 
     python -m examples.chatbot.terminal --docs DIR --student DIR
 
-Type a question; the answer streams; the passages D2LLM ranked come after it with their IEM
-score and Qdrant's cosine (and its rank by cosine, so the reranking is visible). Follow-up
-questions are condensed with the conversation. Commands: /reset, /sources, /quit.
+Type a question; the answer streams (quoted from the passages with the offline base model,
+generated with an instruction-tuned ``--llm``; each answer says which); the passages D2LLM
+ranked come after it with their IEM score and Qdrant's cosine (and its rank by cosine, so the
+reranking is visible). Follow-up questions are condensed with the conversation. Commands:
+/reset, /sources, /quit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from examples.chatbot.answer import mode_help
 from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
 from examples.chatbot.core import Chatbot, ChatbotError, Source, build_chatbot
 
@@ -66,7 +69,7 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
         except ChatbotError as exc:
             print(f"error: {exc}", file=stdout)
             continue
-        stdout.write("bot> ")
+        stdout.write(f"bot> [{reply.mode}]\n" if reply.mode else "bot> ")
         try:
             for token in reply:
                 stdout.write(token)
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for relative, why in report.skipped:
                 print(f"  skipped {relative}: {why}")
             print(f"student: {chatbot.documents.embed.student.name}")
+            print(f"answers: {chatbot.mode_label}: {mode_help(chatbot)}")
             chat_loop(chatbot, show_sources=not args.no_sources)
         finally:
             chatbot.documents.client.close()

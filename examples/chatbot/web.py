@@ -3,10 +3,13 @@
     python -m examples.chatbot.web --docs DIR --student DIR [--port 8000]
 
 Standard library only (``http.server``): one page, and two JSON endpoints. ``POST /api/chat``
-answers as server-sent events (``sources`` first, then ``token`` events as the LLM writes,
-then ``done``, or ``error``); ``POST /api/reset`` forgets a conversation. Each browser tab is
-its own conversation (a random id the page sends along). One question is answered at a time:
-the models are not made for concurrent use, and on a CPU they would only slow each other.
+answers as server-sent events (``mode``: who writes the answer, extractive or which LLM; then
+``sources``, then ``token`` events as the answer is written, then ``done``, or ``error``);
+``POST /api/reset`` forgets a conversation. A request that is not a JSON object of at most
+64 KiB with a valid ``Content-Length`` gets a 4xx JSON error and the connection is closed.
+Each browser tab is its own conversation (a random id the page sends along). One question is
+answered at a time: the models are not made for concurrent use, and on a CPU they would only
+slow each other.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from examples.chatbot.answer import mode_help
 from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
 from examples.chatbot.core import Chatbot, ChatbotError, Conversation, build_chatbot
 
@@ -29,6 +33,7 @@ HOST = "127.0.0.1"  # never another interface: the chatbot reads private documen
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_CONVERSATIONS = 32
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_S = 30
 
 
 class ChatService:
@@ -60,7 +65,8 @@ class ChatService:
         documents = self.chatbot.documents
         return {"collection": documents.location.describe(),
                 "student": documents.embed.student.name, "chunks": documents.count(),
-                "top_k": self.chatbot.similarity_top_k, "top_n": self.chatbot.top_n}
+                "top_k": self.chatbot.similarity_top_k, "top_n": self.chatbot.top_n,
+                "mode": self.chatbot.mode_label, "mode_help": mode_help(self.chatbot)}
 
 
 def make_handler(service: ChatService, port_holder: dict[str, int]) -> type:
@@ -69,6 +75,7 @@ def make_handler(service: ChatService, port_holder: dict[str, int]) -> type:
     class ChatHandler(BaseHTTPRequestHandler):
         server_version = "D2LLMChat/0.1"
         protocol_version = "HTTP/1.1"
+        timeout = BODY_TIMEOUT_S  # a body shorter than its Content-Length must not hang a thread
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
             pass  # quiet: the terminal shows the server's own messages only
@@ -91,21 +98,46 @@ def make_handler(service: ChatService, port_holder: dict[str, int]) -> type:
         def _json(self, status: int, data: Any) -> None:
             self._send(status, json.dumps(data).encode(), "application/json")
 
+        def _refuse(self, status: int, error: str) -> None:
+            """A JSON error, then close: an unread body must not be parsed as a request."""
+            self.close_connection = True
+            self._json(status, {"error": error})
+
         def _read_json(self) -> dict[str, Any] | None:
             if "application/json" not in (self.headers.get("Content-Type") or ""):
-                self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                           {"error": "send the request as application/json"})
+                self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                             "send the request as application/json")
                 return None
-            length = int(self.headers.get("Content-Length") or 0)
+            if self.headers.get("Transfer-Encoding"):
+                self._refuse(HTTPStatus.LENGTH_REQUIRED,
+                             "send the body with a Content-Length, not chunked")
+                return None
+            declared = (self.headers.get("Content-Length") or "0").strip()
+            if not (declared.isascii() and declared.isdigit()):  # "abc", "-5", "1e3", "²"
+                self._refuse(HTTPStatus.BAD_REQUEST, f"Content-Length {declared[:40]!r} is not "
+                             "a byte count: send the length of the body in bytes")
+                return None
+            length = int(declared)
             if length > MAX_BODY_BYTES:
-                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "message too long"})
+                self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"message too long (at most {MAX_BODY_BYTES} bytes)")
                 return None
             try:
-                data = json.loads(self.rfile.read(length) or b"{}")
-            except ValueError:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self._refuse(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
+                             f"{BODY_TIMEOUT_S} s: send as many bytes as Content-Length says")
+                return None
+            if len(body) < length:
+                self._refuse(HTTPStatus.BAD_REQUEST, "the body is shorter than its "
+                             "Content-Length")
+                return None
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:  # not JSON, or not UTF-8
                 data = None
             if not isinstance(data, dict):
-                self._json(HTTPStatus.BAD_REQUEST, {"error": "the body must be a JSON object"})
+                self._refuse(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
                 return None
             return data
 
@@ -151,6 +183,7 @@ def make_handler(service: ChatService, port_holder: dict[str, int]) -> type:
                 with service.answer_lock:
                     try:
                         reply = service.conversation(conversation_id).ask(message)
+                        self._event("mode", reply.mode)
                         self._event("sources", [asdict(s) for s in reply.sources])
                         for token in reply:
                             self._event("token", token)
