@@ -205,6 +205,11 @@ def evaluate_jobs(work: Path, data: Path, queries: dict[str, str], qrels: dict, 
         summary[variant]["iem_gain_dense_ndcg@10"] = mean_std(
             [f["dense_iem"]["ndcg@10"] - f["dense"]["ndcg@10"] for f in folds])
         summary[variant]["iem_weights"] = [f["iem_weights"] for f in folds]
+        curves = [f["ndcg@10_by_iem_weight"] for f in folds if "ndcg@10_by_iem_weight" in f]
+        if curves:  # the held-out figure each fixed weight would have given (not a choice)
+            summary[variant]["ndcg@10_by_iem_weight"] = {
+                stage: {w: mean_std([c[stage][w] for c in curves]) for w in curves[0][stage]}
+                for stage in curves[0]}
     for name in docs_only:
         if f"{name}-docs" in results:
             summary[f"{name}-docs"] = results[f"{name}-docs"]
