@@ -45,3 +45,21 @@ def test_dev_corpus_keeps_every_positive_when_it_samples():
     sample = dev_corpus_ids(items, ids, seed=1, limit=4)
     assert len(sample) == 4 and {"p7", "p9"} <= set(sample)
     assert dev_corpus_ids(items, ids, seed=1, limit=4) == sample
+
+
+def test_the_dev_best_weight_is_kept_only_when_its_gain_is_beyond_noise():
+    from llama_index_d2llm.trainer.dev_ranking import choose_weight
+
+    queries = [f"q{i}" for i in range(40)]
+    first = {q: 0.5 for q in queries}
+    # a steady gain on every query: kept
+    steady = {0.0: first, 0.5: {q: 0.6 for q in queries}, 1.0: {q: 0.55 for q in queries}}
+    assert choose_weight(steady).weight == 0.5
+    # a larger mean gain that one lucky query makes: not kept, the first stage stays
+    lucky = {0.0: first, 0.5: {q: (1.0 if q == "q0" else 0.49) for q in queries},
+             1.0: {q: 0.4 for q in queries}}
+    choice = choose_weight(lucky)
+    assert choice.best == 0.5 and choice.gain > 0 and choice.weight == 0.0
+    # nothing beats the first stage: 0
+    worse = {0.0: first, 0.5: {q: 0.4 for q in queries}, 1.0: {q: 0.3 for q in queries}}
+    assert choose_weight(worse).weight == 0.0

@@ -185,17 +185,58 @@ class DevRanking:
                 vectors = passages[[row[p] for p in listed]].to(student.device)
                 logits[item.id] = student.iem(queries[index].to(student.device), vectors,
                                               item.task).float().cpu()
-        by_weight = {}
+        per_query = {}
         for weight in WEIGHT_GRID:
             blended = {q: dict(zip(candidates[q], blend_ranks(logits[q], weight).tolist(),
                                    strict=True)) for q in logits}
-            by_weight[weight] = evaluate_run(qrels, blended, ["ndcg@10"])["ndcg@10"]
-        best = max(WEIGHT_GRID, key=lambda w: (round(by_weight[w], 6), -w))
+            per_query[weight] = evaluate_run(qrels, blended, ["ndcg@10"],
+                                             per_query=True)["per_query"]["ndcg@10"]
+        choice = choose_weight(per_query)
+        mean = {w: sum(v.values()) / len(v) for w, v in per_query.items()}
         return {f"dev_{stage}_ndcg@10": first["ndcg@10"],
                 f"dev_{stage}_recall@100": first["recall@100"],
-                f"dev_{stage}_iem_ndcg@10": by_weight[1.0],
-                f"dev_{stage}_blend_ndcg@10": by_weight[best],
-                f"iem_weight_{stage}": best}
+                f"dev_{stage}_iem_ndcg@10": mean[1.0],
+                f"dev_{stage}_best_blend_ndcg@10": mean[choice.best],
+                f"dev_{stage}_best_weight": choice.best,
+                f"dev_{stage}_best_gain": choice.gain,
+                f"dev_{stage}_best_gain_se": choice.standard_error,
+                f"dev_{stage}_blend_ndcg@10": mean[choice.weight],
+                f"iem_weight_{stage}": choice.weight}
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    weight: float
+    best: float
+    gain: float
+    standard_error: float
+
+
+#: One-sided 95%: the dev gain of the best weight must clear this many standard errors.
+GAIN_Z = 1.645
+
+
+def choose_weight(per_query: dict[float, dict[str, float]], z: float = GAIN_Z) -> WeightChoice:
+    """The IEM weight to record: the dev-best weight only when its gain over the first stage
+    (weight 0) is beyond noise, else 0.
+
+        d_q  = nDCG@10_q(w_best) - nDCG@10_q(0)          per dev query q
+        keep w_best  iff  mean(d) > z * std(d) / sqrt(n)
+
+    Why not the plain argmax: on 5-fold SciFact the dev-best weight (0.4-0.7 on 65 dev
+    queries) lowered held-out nDCG@10 by 0.010 (dense) and 0.015 (hybrid) on average, while
+    held-out nDCG fell steadily as the weight grew; the argmax of 11 noisy figures picks noise.
+    """
+    import statistics
+
+    means = {w: statistics.fmean(v.values()) for w, v in per_query.items()}
+    best = max(means, key=lambda w: (round(means[w], 9), -w))
+    diffs = [per_query[best][q] - per_query[0.0][q] for q in per_query[0.0]]
+    gain = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+    keep = best > 0 and gain > z * se
+    return WeightChoice(weight=best if keep else 0.0, best=best, gain=gain,
+                        standard_error=se)
 
 
 def weights_from(metrics: dict[str, float]) -> dict[str, float]:
@@ -212,7 +253,10 @@ def format_report(metrics: dict[str, float]) -> str:
             continue
         lines.append(
             f"  {stage:<6} first stage {metrics[f'dev_{stage}_ndcg@10']:.4f} | + IEM alone "
-            f"{metrics[f'dev_{stage}_iem_ndcg@10']:.4f} | + IEM blended (weight "
-            f"{metrics[f'iem_weight_{stage}']:.1f}, recorded) "
-            f"{metrics[f'dev_{stage}_blend_ndcg@10']:.4f}")
+            f"{metrics[f'dev_{stage}_iem_ndcg@10']:.4f} | best blend (weight "
+            f"{metrics[f'dev_{stage}_best_weight']:.1f}) "
+            f"{metrics[f'dev_{stage}_best_blend_ndcg@10']:.4f}, gain "
+            f"{metrics[f'dev_{stage}_best_gain']:+.4f} +- "
+            f"{metrics[f'dev_{stage}_best_gain_se']:.4f} | recorded weight "
+            f"{metrics[f'iem_weight_{stage}']:.1f}")
     return "\n".join(lines)
