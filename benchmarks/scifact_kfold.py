@@ -26,9 +26,7 @@ import json
 import random
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
@@ -75,14 +73,6 @@ def folds_of(query_ids: list[str], folds: int, seed: int) -> list[set[str]]:
     return [set(shuffled[i::folds]) for i in range(folds)]
 
 
-def run_command(command: list[str], log: Path) -> float:
-    print("$", shlex.join(command), flush=True)
-    start = time.perf_counter()
-    with log.open("w") as out:
-        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
-
-
 def distill_student(work: Path, fold_dir: Path | None, corpus: Path, name: str,
                     options: str, seed: int) -> dict:
     """``d2llm-rag distill`` once (skipped when the student exists); returns its command."""
@@ -96,6 +86,8 @@ def distill_student(work: Path, fold_dir: Path | None, corpus: Path, name: str,
     command += shlex.split(options)
     record = {"student": str(student), "distill_command": shlex.join(command)}
     if not (student / "d2llm_config.json").exists():
+        from scifact import run_command  # beside this script
+
         (work / "logs").mkdir(parents=True, exist_ok=True)
         record["distill_seconds"] = run_command(command, work / "logs" / f"distill-{name}.log")
     return record
