@@ -9,10 +9,11 @@ always among them) as a deployment does:
 - each rescored by the IEM, blended with its first stage at every weight of
   ``blend.WEIGHT_GRID`` (``student/blend.py``; weight 0 is the first stage unchanged).
 
-The best weight per first stage is what the student records (``iem_weights``), so the IEM is
-trusted only as far as it helps on queries it was not trained on. The early-stopping figure
-(``dev_ndcg@10``) is the mean over both first stages of their best blended nDCG@10, the same
-figure that is reported. Ranking each dev query's own candidate list instead (its positives
+The weight per first stage that the student records (``iem_weights``) is the dev-best one
+when its gain is beyond noise, else 0 (``choose_weight``), so the IEM is trusted only as far
+as it helps on queries it was not trained on. The early-stopping figure (``dev_ndcg@10``) is
+the mean over both first stages of nDCG@10 at the recorded weight, the same figure that is
+reported. Ranking each dev query's own candidate list instead (its positives
 and BM25 negatives) gave figures near 0.9 that said nothing about search.
 """
 
@@ -139,8 +140,9 @@ class DevRanking:
         """nDCG@10 and Recall@100 of every first stage, and of the IEM blended at each weight.
 
         Keys: ``dev_{stage}_ndcg@10``, ``dev_{stage}_recall@100``, ``dev_{stage}_iem_ndcg@10``
-        (the IEM alone, weight 1), ``dev_{stage}_blend_ndcg@10`` with ``iem_weight_{stage}``
-        (the best weight, ties to the smaller), and ``dev_ndcg@10``.
+        (the IEM alone, weight 1), ``dev_{stage}_best_*`` (the dev-best weight and its gain),
+        ``dev_{stage}_blend_ndcg@10`` with ``iem_weight_{stage}`` (the weight to record,
+        ``choose_weight``), and ``dev_ndcg@10``.
         """
         from llama_index_d2llm.trainer.training import encode_distinct
 
