@@ -4,8 +4,9 @@ Per student: the corpus goes into a local Qdrant collection through ``D2LLMVecto
 (dense vectors + BM25 sparse vectors; the passage vectors come from the distiller's cached
 backbone states, which the store's own re-encoding check verifies at ingestion), then every
 held-out claim is retrieved with ``D2LLMRetriever`` (``similarity_top_k=100``, ``top_n=100``),
-dense and hybrid, with the IEM weight the student recorded; from the same candidates also the
-first stage's order (weight 0) and the IEM's alone (weight 1). BM25 alone is measured twice:
+dense and hybrid, rescored with the fusion the student recorded (``student/fusion.py``); from
+the same candidates also the first stage's order, the IEM's alone, and each fusion of the
+distiller's grids (an oracle curve, reported, never used to choose). BM25 alone is measured twice:
 rank_bm25 (the trainer's miner) and Qdrant's sparse vectors. Query latency: median over
 ``latency_queries`` claims of a whole ``retrieve`` call (query encoding included), dense and
 hybrid, in this process.
@@ -20,8 +21,8 @@ import uuid
 from pathlib import Path
 
 METRICS = ["ndcg@10", "recall@100"]
-ROWS = ("bm25", "qdrant_bm25", "dense", "dense_iem_alone", "dense_iem", "hybrid",
-        "hybrid_iem_alone", "hybrid_iem")
+ROWS = ("bm25", "qdrant_bm25", "dense", "dense_iem_alone", "dense_rescored", "hybrid",
+        "hybrid_iem_alone", "hybrid_rescored")
 DTYPE = "bfloat16"
 NAMESPACE = uuid.UUID("5d1f1c0e-9a1e-4f7e-8c55-2b3c4d5e6f70")
 
@@ -62,10 +63,9 @@ def build_collection(student, embed, passages, cache_dir: Path, location: Path):
 
 
 def retrieve_runs(student, embed, store, queries: dict[str, str], query_vectors,
-                  passage_vectors: dict, stage: str) -> dict[str, dict]:
-    """Runs of one first stage: as the retriever ranks (the recorded IEM weight), and from the
-    same candidates the first stage's own order (weight 0) and the IEM's alone (weight 1)."""
-    import torch
+                  stage: str) -> tuple[dict[str, dict], dict[str, list]]:
+    """Runs of one first stage: as the retriever ranks (the recorded fusion), the first
+    stage's own order, and the IEM's alone over the same candidates; and the candidates."""
     from llama_index.core.schema import QueryBundle
 
     from llama_index_d2llm.postprocessor import RETRIEVAL_SCORE_KEY
@@ -73,19 +73,38 @@ def retrieve_runs(student, embed, store, queries: dict[str, str], query_vectors,
 
     retriever = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=100,
                                top_n=100, hybrid=stage == "hybrid")
-    runs: dict[str, dict] = {stage: {}, f"{stage}_iem_alone": {}, f"{stage}_iem": {}}
+    runs: dict[str, dict] = {stage: {}, f"{stage}_iem_alone": {}, f"{stage}_rescored": {}}
+    candidates = {}
     for query_id, text in queries.items():
         bundle = QueryBundle(query_str=text, embedding=query_vectors[query_id])
         nodes = retriever.retrieve(bundle)
         ids = [n.node.metadata["passage_id"] for n in nodes]
-        runs[f"{stage}_iem"][query_id] = {pid: float(n.score)
-                                          for pid, n in zip(ids, nodes, strict=True)}
-        runs[stage][query_id] = {pid: float(n.node.metadata[RETRIEVAL_SCORE_KEY])
-                                 for pid, n in zip(ids, nodes, strict=True)}
-        logits = student.score(query_vectors[query_id],
-                               torch.stack([passage_vectors[pid] for pid in ids]))
-        runs[f"{stage}_iem_alone"][query_id] = dict(zip(ids, logits.tolist(), strict=True))
-    return runs
+        runs[f"{stage}_rescored"][query_id] = {pid: float(n.score)
+                                               for pid, n in zip(ids, nodes, strict=True)}
+        first = {pid: float(n.node.metadata[RETRIEVAL_SCORE_KEY])
+                 for pid, n in zip(ids, nodes, strict=True)}
+        runs[stage][query_id] = first
+        candidates[query_id] = sorted(first, key=lambda d: -first[d])
+    return runs, candidates
+
+
+def evidence(student, query_vectors, passage_vectors: dict, candidates: dict[str, list],
+             bm25=None, texts: dict[str, str] | None = None) -> dict[str, tuple]:
+    """Per query: the candidates' cosine, IEM logit and (given ``bm25``) BM25 score."""
+    import torch
+
+    found = {}
+    for query_id, ids in candidates.items():
+        query = torch.as_tensor(query_vectors[query_id], dtype=torch.float32)
+        vectors = torch.stack([passage_vectors[pid] for pid in ids]).float()
+        cosine = torch.nn.functional.cosine_similarity(vectors, query[None], dim=-1)
+        logits = student.score(query, vectors)
+        lexical = None
+        if bm25 is not None:
+            scores = bm25[0].scores(texts[query_id])
+            lexical = torch.tensor([float(scores[bm25[1][pid]]) for pid in ids])
+        found[query_id] = (cosine, logits, lexical)
+    return found
 
 
 def bm25_alone_run(store, passages, queries: dict[str, str]) -> dict:
@@ -99,22 +118,23 @@ def bm25_alone_run(store, passages, queries: dict[str, str]) -> dict:
             for q, text in queries.items()}
 
 
-def weight_curve(runs: dict, qrels: dict, stage: str) -> dict[str, float]:
-    """Held-out nDCG@10 of the same candidates at every IEM weight of the distiller's grid:
-    what the recorded weight could have been (an oracle, reported, never used to choose)."""
-    import torch
-
-    from llama_index_d2llm.student.blend import WEIGHT_GRID, blend_ranks
+def fusion_curve(candidates: dict[str, list], found: dict[str, tuple], qrels: dict,
+                 stage: str, lexical: float) -> dict[str, float]:
+    """Held-out nDCG@10 of the same candidates under each fusion of the distiller's grids:
+    what the recorded fusion could have been (an oracle, reported, never used to choose)."""
+    from llama_index_d2llm.student.fusion import FusionWeights, fuse
+    from llama_index_d2llm.trainer.dev_ranking import IEM_GRID, LEXICAL_GRID
     from llama_index_d2llm.trainer.evaluation import evaluate_run
 
+    grid = {f"iem={w}": FusionWeights(lexical=lexical, iem=w) for w in IEM_GRID}
+    if stage == "hybrid":
+        grid.update({f"lexical={w}": FusionWeights(lexical=w) for w in LEXICAL_GRID})
+        grid["first_stage"] = None
     curve = {}
-    for weight in WEIGHT_GRID:
-        run = {}
-        for query_id, first in runs[stage].items():
-            ids = sorted(first, key=lambda d: -first[d])  # first-stage order
-            logits = torch.tensor([runs[f"{stage}_iem_alone"][query_id][d] for d in ids])
-            run[query_id] = dict(zip(ids, blend_ranks(logits, weight).tolist(), strict=True))
-        curve[f"{weight:.1f}"] = evaluate_run(qrels, run, ["ndcg@10"])["ndcg@10"]
+    for label, weights in grid.items():
+        run = {q: dict(zip(ids, fuse(*found[q][:2], weights, found[q][2]).tolist(), strict=True))
+               for q, ids in candidates.items()}
+        curve[label] = evaluate_run(qrels, run, ["ndcg@10"])["ndcg@10"]
     return curve
 
 
@@ -139,6 +159,7 @@ def evaluate_student(work: Path, data: Path, name: str, queries: dict[str, str],
                      qrels: dict, latency_queries: int) -> dict:
     from llama_index_d2llm import D2LLMEmbedding, D2LLMStudent
     from llama_index_d2llm.trainer.corpus import load_corpus
+    from llama_index_d2llm.trainer.dev_ranking import SparseBM25
     from llama_index_d2llm.trainer.evaluation import BeirData, bm25_run, evaluate_run
 
     passages = load_corpus(data / "corpus.jsonl")
@@ -156,12 +177,24 @@ def evaluate_student(work: Path, data: Path, name: str, queries: dict[str, str],
         timings["encode_queries_s"] = time.perf_counter() - start
         runs = {"bm25": bm25_run(BeirData(passages, queries, qrels), top_k=100),
                 "qdrant_bm25": bm25_alone_run(store, passages, queries)}
+        index = SparseBM25([p.text for p in passages], store.bm25)
+        rows = {p.id: i for i, p in enumerate(passages)}
+        curves = {}
         for stage in ("dense", "hybrid"):
-            runs.update(retrieve_runs(student, embed, store, queries, vectors, passage_vectors,
-                                      stage))
-        result = {"queries": len(queries), "iem_weights": dict(student.config.iem_weights),
-                  "ndcg@10_by_iem_weight": {stage: weight_curve(runs, qrels, stage)
-                                            for stage in ("dense", "hybrid")},
+            stage_runs, candidates = retrieve_runs(student, embed, store, queries, vectors,
+                                                   stage)
+            runs.update(stage_runs)
+            found = evidence(student, vectors, passage_vectors, candidates,
+                             (index, rows) if stage == "hybrid" else None, queries)
+            runs[f"{stage}_iem_alone"] = {
+                q: dict(zip(ids, found[q][1].tolist(), strict=True))
+                for q, ids in candidates.items()}
+            recorded = student.fusion(stage)
+            curves[stage] = fusion_curve(candidates, found, qrels, stage,
+                                         recorded.lexical if recorded else 0.5)
+        fusion = {stage: (None if w is None else w.to_dict())
+                  for stage, w in ((s, student.fusion(s)) for s in ("dense", "hybrid"))}
+        result = {"queries": len(queries), "fusion": fusion, "ndcg@10_by_fusion": curves,
                   "fingerprint": student.fingerprint, "timings": timings,
                   **{row: evaluate_run(qrels, runs[row], METRICS) for row in ROWS}}
         sample = list(queries.values())[:latency_queries]
@@ -200,14 +233,13 @@ def evaluate_jobs(work: Path, data: Path, queries: dict[str, str], qrels: dict, 
         summary[variant] = {"folds": len(folds), **{
             row: {metric: mean_std([f[row][metric] for f in folds]) for metric in METRICS}
             for row in ROWS}}
-        summary[variant]["iem_gain_hybrid_ndcg@10"] = mean_std(
-            [f["hybrid_iem"]["ndcg@10"] - f["hybrid"]["ndcg@10"] for f in folds])
-        summary[variant]["iem_gain_dense_ndcg@10"] = mean_std(
-            [f["dense_iem"]["ndcg@10"] - f["dense"]["ndcg@10"] for f in folds])
-        summary[variant]["iem_weights"] = [f["iem_weights"] for f in folds]
-        curves = [f["ndcg@10_by_iem_weight"] for f in folds if "ndcg@10_by_iem_weight" in f]
-        if curves:  # the held-out figure each fixed weight would have given (not a choice)
-            summary[variant]["ndcg@10_by_iem_weight"] = {
+        for stage in ("dense", "hybrid"):
+            summary[variant][f"rescoring_gain_{stage}_ndcg@10"] = mean_std(
+                [f[f"{stage}_rescored"]["ndcg@10"] - f[stage]["ndcg@10"] for f in folds])
+        summary[variant]["fusion"] = [f["fusion"] for f in folds]
+        curves = [f["ndcg@10_by_fusion"] for f in folds if "ndcg@10_by_fusion" in f]
+        if curves:  # the held-out figure each fixed fusion would have given (not a choice)
+            summary[variant]["ndcg@10_by_fusion"] = {
                 stage: {w: mean_std([c[stage][w] for c in curves]) for w in curves[0][stage]}
                 for stage in curves[0]}
     for name in docs_only:

@@ -1,4 +1,7 @@
-"""``D2LLMRerank``: rescore retrieved nodes with the IEM, from the vectors stored in Qdrant.
+"""``D2LLMRerank``: rescore retrieved nodes from the vectors stored in Qdrant.
+
+Each node's cosine, IEM logit and (on a hybrid collection) BM25 score are fused by the weights
+the student recorded for that first stage (``student/fusion.py``).
 
 Drops into any LlamaIndex pipeline as a node postprocessor. The passages are not encoded
 again: their vectors, computed once at ingestion, are fetched from Qdrant by node id in one
@@ -25,8 +28,11 @@ from llama_index_d2llm.qdrant import (
     CollectionInfo,
     StudentGuard,
     afetch_vectors,
+    alexical_scores,
     fetch_vectors,
     first_stage_of,
+    lexical_scores,
+    sparse_query,
 )
 
 dispatcher = get_dispatcher(__name__)
@@ -71,20 +77,22 @@ def _embedding_strs(query_bundle: QueryBundle) -> list[str]:
 
 def rank_by_iem(embed_model: D2LLMEmbedding, query: Sequence[float],
                 nodes: Sequence[NodeWithScore], vectors: Sequence[Sequence[float]], task: Task,
-                top_n: int, keep_retrieval_score: bool, first_stage: str = "dense"
-                ) -> list[NodeWithScore]:
-    """Nodes (given in first-stage order, best first) rescored, best first, cut to ``top_n``.
+                top_n: int, keep_retrieval_score: bool, first_stage: str = "dense",
+                lexical: Sequence[float] | None = None) -> list[NodeWithScore]:
+    """Nodes rescored, best first, cut to ``top_n``.
 
-    The score is the IEM's ranking blended with the first stage's by the weight the student
-    recorded for that first stage (``student/blend.py``). The first-stage score goes into
-    metadata (hidden from the LLM and embed text) when asked.
+    The score fuses each node's cosine, IEM logit and BM25 score (``lexical``, aligned with
+    ``nodes``; hybrid search) by the weights the student recorded for that first stage
+    (``student/fusion.py``). The first-stage score goes into metadata (hidden from the LLM and
+    embed text) when asked.
     """
     # first-stage order from the first-stage scores (a postprocessor may get them shuffled)
     order = sorted(range(len(nodes)), key=lambda i: -(nodes[i].score or 0.0))
     nodes = [nodes[i] for i in order]
     vectors = [vectors[i] for i in order]
-    logits = embed_model.student.rescore(query, vectors, first_stage=first_stage,
-                                         task=task).tolist()
+    lexical = None if lexical is None else [lexical[i] for i in order]
+    logits = embed_model.student.rescore(query, vectors, first_stage=first_stage, task=task,
+                                         lexical_scores=lexical).tolist()
     rescored = []
     for hit, logit in zip(nodes, logits, strict=True):
         if keep_retrieval_score:
@@ -96,6 +104,12 @@ def rank_by_iem(embed_model: D2LLMEmbedding, query: Sequence[float],
         rescored.append(NodeWithScore(node=hit.node, score=float(logit)))
     rescored.sort(key=lambda n: -(n.score or 0.0))
     return rescored[:top_n]
+
+
+def _weighs_lexical(embed_model: D2LLMEmbedding, first_stage: str) -> bool:
+    """Whether this first stage's fusion needs the candidates' BM25 scores."""
+    fusion = embed_model.student.fusion(first_stage)
+    return fusion is not None and fusion.lexical > 0
 
 
 @contextmanager
@@ -118,14 +132,15 @@ def rerank_events(callback_manager: CallbackManager, query_bundle: QueryBundle |
 
 
 class D2LLMRerank(BaseNodePostprocessor):
-    """Rescore nodes with the D2LLM IEM, using the passage vectors stored in Qdrant.
+    """Rescore nodes with the D2LLM student, using the passage vectors stored in Qdrant.
 
     ``vector_store`` must be the QdrantVectorStore the nodes were retrieved from, and
     ``embed_model`` the D2LLMEmbedding whose student built it: the collection's recorded
     student (or a re-encoded sample) is checked once, and another student is refused.
-    Node scores become the IEM's ranking blended with the first stage's (higher is better).
+    Node scores become the fusion of cosine, IEM logit and, for hybrid, BM25 score that the
+    student recorded for the first stage (``student/fusion.py``; higher is better).
 
-    ``first_stage`` names the search the nodes come from, which sets the blend weight:
+    ``first_stage`` names the search the nodes come from, which selects the fusion:
     ``None`` infers it from the store ("hybrid" when the collection holds BM25 sparse vectors
     and the store can encode queries for them, as ``D2LLMRetriever`` would search it); pass
     "dense" for nodes of a dense-only retriever over a hybrid store.
@@ -173,9 +188,16 @@ class D2LLMRerank(BaseNodePostprocessor):
                            self.embed_model.model_name) as finish:
             info = self._guard.ensure(self.embed_model.student)
             query = query_vector(self.embed_model, query_bundle)
-            vectors = fetch_vectors(self.vector_store, [n.node.node_id for n in nodes], info)
+            node_ids = [n.node.node_id for n in nodes]
+            vectors = fetch_vectors(self.vector_store, node_ids, info)
+            stage = self._first_stage(info)
+            lexical = None
+            if _weighs_lexical(self.embed_model, stage):
+                lexical = lexical_scores(self.vector_store,
+                                         sparse_query(self.vector_store, query_bundle.query_str),
+                                         node_ids, info)
             ranked = rank_by_iem(self.embed_model, query, nodes, vectors, self.task, self.top_n,
-                                 self.keep_retrieval_score, self._first_stage(info))
+                                 self.keep_retrieval_score, stage, lexical)
             finish(ranked)
         return ranked
 
@@ -190,10 +212,16 @@ class D2LLMRerank(BaseNodePostprocessor):
                            self.embed_model.model_name) as finish:
             info = await self._guard.aensure(self.embed_model.student)
             query = await aquery_vector(self.embed_model, query_bundle)
-            vectors = await afetch_vectors(self.vector_store,
-                                           [n.node.node_id for n in nodes], info)
+            node_ids = [n.node.node_id for n in nodes]
+            vectors = await afetch_vectors(self.vector_store, node_ids, info)
+            stage = self._first_stage(info)
+            lexical = None
+            if _weighs_lexical(self.embed_model, stage):
+                lexical = await alexical_scores(
+                    self.vector_store, sparse_query(self.vector_store, query_bundle.query_str),
+                    node_ids, info)
             ranked = await asyncio.to_thread(rank_by_iem, self.embed_model, query, nodes,
                                              vectors, self.task, self.top_n,
-                                             self.keep_retrieval_score, self._first_stage(info))
+                                             self.keep_retrieval_score, stage, lexical)
             finish(ranked)
         return ranked

@@ -394,6 +394,56 @@ def sparse_query(vector_store: Any, text: str) -> Any:
     return models.SparseVector(indices=list(indices[0]), values=list(values[0]))
 
 
+def _lexical_request(store: QdrantVectorStore, sparse_query: Any, node_ids: Sequence[str],
+                     info: CollectionInfo) -> dict[str, Any]:
+    from qdrant_client import models
+
+    if info.sparse_name is None:
+        raise UnsupportedVectorStoreError(
+            f"collection {info.name!r} has no sparse vector named {store.sparse_vector_name!r}, "
+            "so its nodes have no BM25 score: rescore them as a dense first stage "
+            "(first_stage='dense'), or rebuild the collection with D2LLMVectorStore")
+    ids = list({point_key(i): _to_point_id(i, store.collection_name) for i in node_ids}.values())
+    return dict(collection_name=store.collection_name, query=sparse_query,
+                using=info.sparse_name, limit=len(ids), with_payload=False, with_vectors=False,
+                query_filter=models.Filter(must=[models.HasIdCondition(has_id=ids)]))
+
+
+def _scores_by_node(node_ids: Sequence[str], points: Sequence[Any]) -> list[float]:
+    found = {point_key(point.id): float(point.score) for point in points}
+    return [found.get(point_key(i), 0.0) for i in node_ids]
+
+
+def lexical_scores(vector_store: Any, sparse_query: Any, node_ids: Sequence[str],
+                   info: CollectionInfo | None = None) -> list[float]:
+    """BM25 scores of ``node_ids`` (in that order; 0 where no query term matches), computed
+    by Qdrant from the stored sparse vectors and its own document frequencies.
+
+    The fusion that rescores hybrid candidates weighs these scores (``student/fusion.py``);
+    Qdrant's hybrid query returns only the fused RRF score, so this is a second, filtered
+    sparse query over the candidates alone.
+    """
+    store = require_qdrant(vector_store, "lexical_scores")
+    if not node_ids:
+        return []
+    info = info or describe_collection(store)
+    request = _lexical_request(store, sparse_query, node_ids, info)
+    return _scores_by_node(node_ids, _sync_client(store).query_points(**request).points)
+
+
+async def alexical_scores(vector_store: Any, sparse_query: Any, node_ids: Sequence[str],
+                          info: CollectionInfo | None = None) -> list[float]:
+    store = require_qdrant(vector_store, "lexical_scores")
+    aclient = _async_client(store)
+    if aclient is None:
+        return await asyncio.to_thread(lexical_scores, store, sparse_query, node_ids, info)
+    if not node_ids:
+        return []
+    info = info or await adescribe_collection(store)
+    request = _lexical_request(store, sparse_query, node_ids, info)
+    return _scores_by_node(node_ids, (await aclient.query_points(**request)).points)
+
+
 # ---------------------------------------------------------------------------- student record
 def _student_of(student_or_embedding: Any) -> D2LLMStudent:
     return getattr(student_or_embedding, "student", student_or_embedding)

@@ -1,11 +1,12 @@
-"""``D2LLMRetriever``: Qdrant search (dense or hybrid), then IEM rescoring, in one retriever.
+"""``D2LLMRetriever``: Qdrant search (dense or hybrid), then rescoring, in one retriever.
 
 The query is embedded once; one Qdrant call returns the ``similarity_top_k`` candidates
 together with their stored vectors: the nearest by cosine, or on a hybrid collection the
-dense and BM25 top ``similarity_top_k`` fused by reciprocal rank on Qdrant's side. The IEM
-rescores them (blended with the first stage's order by the weight the student recorded for
-that first stage) and the best ``top_n`` come back. This is D2LLM's cost model: one query
-encoding plus a small MLP over stored vectors.
+dense and BM25 top ``similarity_top_k`` fused by reciprocal rank on Qdrant's side (a second,
+filtered sparse query then returns the candidates' BM25 scores). Each candidate's cosine, IEM
+logit and BM25 score are fused by the weights the student recorded for that first stage
+(``student/fusion.py``) and the best ``top_n`` come back. This is D2LLM's cost model: one
+query encoding plus a small MLP over stored vectors.
 """
 
 from __future__ import annotations
@@ -32,14 +33,21 @@ from llama_index_d2llm.qdrant import (
     CollectionInfo,
     StoredHit,
     StudentGuard,
+    alexical_scores,
     asearch_with_vectors,
     first_stage_of,
+    lexical_scores,
     search_with_vectors,
     sparse_query,
 )
 from llama_index_d2llm.student.config import TASKS
 
 dispatcher = get_dispatcher(__name__)
+
+
+def _weighs_lexical(student: Any) -> bool:
+    fusion = student.fusion("hybrid")
+    return fusion is not None and fusion.lexical > 0
 
 
 class D2LLMRetriever(BaseRetriever):
@@ -50,7 +58,7 @@ class D2LLMRetriever(BaseRetriever):
             when it is a ``D2LLMEmbedding``. Or pass ``vector_store`` and ``embed_model``.
         similarity_top_k: candidates fetched by the first stage (when hybrid: the dense and
             the sparse top similarity_top_k each, fused, cut to similarity_top_k).
-        top_n: nodes returned after rescoring (score = IEM logit; the first-stage cosine is
+        top_n: nodes returned after rescoring (score = the fusion; the first-stage score is
             kept in ``node.metadata["retrieval_score"]``, hidden from the LLM).
         task: IEM branch, "asymmetric" (query -> passage) or "symmetric".
         filters, doc_ids, node_ids: restrict the search exactly as ``VectorIndexRetriever``
@@ -128,7 +136,7 @@ class D2LLMRetriever(BaseRetriever):
         return first_stage_of(self._vector_store, info, self.hybrid)
 
     def _rank(self, query_bundle: QueryBundle, query: list[float], hits: list[StoredHit],
-              first_stage: str) -> list[NodeWithScore]:
+              first_stage: str, lexical: list[float] | None = None) -> list[NodeWithScore]:
         candidates = [NodeWithScore(node=h.node, score=h.similarity) for h in hits]
         if not candidates:
             return []
@@ -136,7 +144,8 @@ class D2LLMRetriever(BaseRetriever):
                            self._embed_model.model_name) as finish:
             ranked = rank_by_iem(self._embed_model, query, candidates,
                                  [h.vector for h in hits], self.task, self.top_n,
-                                 keep_retrieval_score=True, first_stage=first_stage)
+                                 keep_retrieval_score=True, first_stage=first_stage,
+                                 lexical=lexical)
             finish(ranked)
         return ranked
 
@@ -147,9 +156,14 @@ class D2LLMRetriever(BaseRetriever):
         query = query_vector(self._embed_model, query_bundle)
         # Later postprocessors reuse it, as after VectorIndexRetriever.
         query_bundle.embedding = query
+        search = self._search_kwargs(query_bundle, info)
         hits = search_with_vectors(self._vector_store, query, self.similarity_top_k, info,
-                                   **self._search_kwargs(query_bundle, info))
-        return self._rank(query_bundle, query, hits, self.first_stage(info))
+                                   **search)
+        lexical = None
+        if search.get("sparse_query") is not None and hits and _weighs_lexical(student):
+            lexical = lexical_scores(self._vector_store, search["sparse_query"],
+                                     [h.node.node_id for h in hits], info)
+        return self._rank(query_bundle, query, hits, self.first_stage(info), lexical)
 
     @dispatcher.span
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
@@ -157,7 +171,12 @@ class D2LLMRetriever(BaseRetriever):
         info = await self._guard.aensure(student)
         query = await aquery_vector(self._embed_model, query_bundle)
         query_bundle.embedding = query
+        search = self._search_kwargs(query_bundle, info)
         hits = await asearch_with_vectors(self._vector_store, query, self.similarity_top_k,
-                                          info, **self._search_kwargs(query_bundle, info))
+                                          info, **search)
+        lexical = None
+        if search.get("sparse_query") is not None and hits and _weighs_lexical(student):
+            lexical = await alexical_scores(self._vector_store, search["sparse_query"],
+                                            [h.node.node_id for h in hits], info)
         return await asyncio.to_thread(self._rank, query_bundle, query, hits,
-                                       self.first_stage(info))
+                                       self.first_stage(info), lexical)

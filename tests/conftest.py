@@ -19,12 +19,17 @@ def tiny_gemma_backbone(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory, tiny_backbone) -> str:
-    """A saved student (LoRA adapter + heads) around the tiny backbone."""
+    """A saved student (LoRA adapter + heads) around the tiny backbone, whose recorded fusion
+    weighs its IEM (as a distiller does where the IEM gains on dev), so that the plugin's
+    tests exercise the IEM."""
     from llama_index_d2llm import D2LLMStudent
+    from llama_index_d2llm.student.fusion import FusionWeights
 
     student = D2LLMStudent.from_backbone(tiny_backbone, pma_heads=4, iem_hidden_size=16,
                                          dtype="float32", seed=0)
     _perturb_lora(student)
+    student.config.fusion = {"dense": FusionWeights(iem=1.0),
+                             "hybrid": FusionWeights(lexical=0.5, iem=1.0)}
     return str(student.save_pretrained(tmp_path_factory.mktemp("students") / "student"))
 
 

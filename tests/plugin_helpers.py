@@ -56,10 +56,11 @@ def embedded_texts() -> list[str]:
 
 
 def direct_scores(student: Any, query: str, task: str = "asymmetric") -> dict[str, float]:
-    """IEM scores computed straight from the student, keyed by passage text (no Qdrant)."""
-    logits = student.score(student.encode([query], kind="query")[0],
-                           student.encode(embedded_texts()), task=task)
-    return dict(zip(TEXTS, logits.tolist(), strict=True))
+    """The student's dense rescoring of every passage (its recorded fusion of cosine and IEM
+    logit) computed straight from the student, keyed by passage text (no Qdrant)."""
+    scores = student.rescore(student.encode([query], kind="query")[0],
+                             student.encode(embedded_texts()), "dense", task=task)
+    return dict(zip(TEXTS, scores.tolist(), strict=True))
 
 
 def count_encodes(monkeypatch: Any, student: Any) -> Counter:

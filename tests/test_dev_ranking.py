@@ -63,3 +63,37 @@ def test_the_dev_best_weight_is_kept_only_when_its_gain_is_beyond_noise():
     # nothing beats the first stage: 0
     worse = {0.0: first, 0.5: {q: 0.4 for q in queries}, 1.0: {q: 0.3 for q in queries}}
     assert choose_weight(worse).weight == 0.0
+
+
+def test_choose_fusion_keeps_bm25_only_when_it_beats_the_rrf_order_and_then_weighs_the_iem():
+    from llama_index_d2llm.student.fusion import FusionWeights
+    from llama_index_d2llm.trainer.dev_ranking import choose_fusion, format_report, fusion_from
+
+    queries = [f"q{i}" for i in range(30)]
+    first = {"ndcg@10": 0.5, "recall@100": 0.9}
+
+    def helps(weights):  # BM25 helps on every query; the IEM only adds noise
+        if weights is None:
+            return {q: 0.5 for q in queries}
+        bonus = 0.1 if weights.lexical else 0.0
+        lucky = 0.2 if weights.iem else 0.0  # on one query only: noise
+        return {q: 0.5 + bonus + (lucky if q == "q0" else 0.0) for q in queries}
+
+    metrics = choose_fusion("hybrid", helps, first)
+    assert fusion_from(metrics) == {"hybrid": FusionWeights(lexical=0.25)}
+    assert metrics["dev_hybrid_rescored_ndcg@10"] == pytest.approx(0.6)
+    assert "recorded: BM25 0.25, IEM 0.00" in format_report(metrics)
+
+    def hurts(weights):
+        return {q: 0.5 if weights is None else 0.45 for q in queries}
+
+    metrics = choose_fusion("hybrid", hurts, first)
+    assert fusion_from(metrics) == {"hybrid": None}
+    assert metrics["dev_hybrid_rescored_ndcg@10"] == pytest.approx(0.5)
+    assert "first-stage order kept" in format_report(metrics)
+
+    def iem_helps(weights):
+        return {q: 0.5 + (0.05 if weights and weights.iem else 0.0) for q in queries}
+
+    metrics = choose_fusion("dense", iem_helps, first)
+    assert fusion_from(metrics) == {"dense": FusionWeights(iem=0.1)}

@@ -21,10 +21,12 @@ from llama_index_d2llm import (
 from llama_index_d2llm.qdrant import (
     UnsupportedVectorStoreError,
     describe_collection,
+    lexical_scores,
     search_with_vectors,
     sparse_query,
 )
 from llama_index_d2llm.sparse import RRF_K
+from llama_index_d2llm.student.fusion import FusionWeights, fuse
 from tests.plugin_helpers import (
     CORPUS,
     TEXTS,
@@ -163,11 +165,12 @@ def test_filters_hold_in_both_searches(embed, indexed):
     assert {topics[h.node.get_content()] for h in filtered} == {"science"}
 
 
-def test_weight_zero_for_hybrid_returns_the_fused_order(embed, indexed, monkeypatch):
+def test_no_hybrid_fusion_returns_the_fused_order(embed, indexed, monkeypatch):
     index, store = indexed
     candidates = D2LLMRetriever(index=index, similarity_top_k=8, top_n=8).retrieve(LEXICAL_QUERY)
     fused_order = sorted(candidates, key=lambda h: -h.node.metadata["retrieval_score"])
-    monkeypatch.setattr(embed.student.config, "iem_weights", {"dense": 1.0, "hybrid": 0.0})
+    monkeypatch.setattr(embed.student.config, "fusion",
+                        {"dense": FusionWeights(iem=1000.0), "hybrid": None})
     hits = D2LLMRetriever(index=index, similarity_top_k=8, top_n=8).retrieve(LEXICAL_QUERY)
     assert [h.node.node_id for h in hits] == [h.node.node_id for h in fused_order]
     # the rerank infers "hybrid" from the store, or is told
@@ -179,7 +182,34 @@ def test_weight_zero_for_hybrid_returns_the_fused_order(embed, indexed, monkeypa
     logits = embed.student.score(torch.tensor(embed.get_query_embedding(LEXICAL_QUERY)),
                                  embed.student.encode([h.node.get_content(
                                      metadata_mode="embed") for h in iem]))
-    assert [h.score for h in iem] == pytest.approx(logits.tolist(), abs=1e-4)
+    assert [h.score for h in iem] == sorted([h.score for h in iem], reverse=True)
+    assert logits.tolist() == sorted(logits.tolist(), reverse=True)  # the IEM's order
+
+
+def test_hybrid_candidates_are_rescored_with_qdrants_bm25_scores(embed, indexed, monkeypatch):
+    """Cosine and BM25 fused as the student records it; the BM25 scores are Qdrant's own (a
+    second, filtered sparse query), equal to BM25 computed by hand over the collection."""
+    index, store = indexed
+    monkeypatch.setattr(embed.student.config, "fusion",
+                        {"hybrid": FusionWeights(lexical=0.5, iem=0.25)})
+    hits = D2LLMRetriever(index=index, similarity_top_k=8, top_n=8).retrieve(LEXICAL_QUERY)
+    node_ids = [h.node.node_id for h in hits]
+    scores = lexical_scores(store, sparse_query(store, LEXICAL_QUERY), node_ids)
+    by_embedded = dict(zip(embedded_texts(), TEXTS, strict=True))
+    by_hand = {by_embedded[t]: v for t, v in bm25_scores(LEXICAL_QUERY,
+                                                         embedded_texts()).items()}
+    assert scores == pytest.approx([by_hand.get(h.node.get_content(), 0.0) for h in hits],
+                                   rel=1e-4)
+    query = torch.tensor(embed.get_query_embedding(LEXICAL_QUERY))
+    vectors = embed.student.encode([h.node.get_content(metadata_mode="embed") for h in hits])
+    expected = fuse(torch.nn.functional.cosine_similarity(vectors, query[None], dim=-1),
+                    embed.student.score(query, vectors), FusionWeights(0.5, 0.25),
+                    torch.tensor(scores))
+    assert [h.score for h in hits] == pytest.approx(expected.tolist(), abs=1e-3)
+    # the rerank on the hybrid store asks Qdrant for the same scores and agrees
+    rerank = D2LLMRerank(top_n=8, vector_store=store, embed_model=embed)
+    reranked = rerank.postprocess_nodes(list(reversed(hits)), query_str=LEXICAL_QUERY)
+    assert {h.node.node_id for h in reranked} == set(node_ids)
 
 
 def test_rerank_reads_the_named_dense_vectors_of_a_hybrid_store(embed, indexed, monkeypatch):
@@ -192,7 +222,7 @@ def test_rerank_reads_the_named_dense_vectors_of_a_hybrid_store(embed, indexed, 
     assert counts == {"query": 1} and len(ranked) == 3
 
 
-def test_one_query_encoding_and_one_qdrant_call(embed, indexed, monkeypatch):
+def test_one_query_encoding_and_one_qdrant_call_plus_the_bm25_scores(embed, indexed, monkeypatch):
     index, store = indexed
     retriever = D2LLMRetriever(index=index, similarity_top_k=8, top_n=3)
     retriever.retrieve(LEXICAL_QUERY)  # the student check happens once, here
@@ -202,9 +232,16 @@ def test_one_query_encoding_and_one_qdrant_call(embed, indexed, monkeypatch):
                         lambda *a, **k: calls.append(k) or original(*a, **k))
     counts = count_encodes(monkeypatch, embed.student)
     retriever.retrieve(LEXICAL_QUERY)
-    assert counts == {"query": 1} and len(calls) == 1
+    # the fused search, then the candidates' BM25 scores for the fusion (student/fusion.py)
+    assert counts == {"query": 1} and len(calls) == 2
     assert [p.using for p in calls[0]["prefetch"]] == ["text-dense", "text-sparse-new"]
     assert calls[0]["with_vectors"] == ["text-dense"]
+    assert calls[1]["using"] == "text-sparse-new" and not calls[1]["with_vectors"]
+    # a student whose hybrid fusion does not weigh BM25 needs the first call only
+    monkeypatch.setattr(embed.student.config, "fusion", {"hybrid": FusionWeights(iem=0.5)})
+    calls.clear()
+    retriever.retrieve(LEXICAL_QUERY)
+    assert len(calls) == 1
 
 
 def test_a_dense_only_collection_keeps_working(embed):

@@ -47,7 +47,7 @@ def test_iem_score_after_the_qdrant_round_trip_equals_the_students(embed, indexe
     student = embed.student
     query = student.encode([QUERY], kind="query")[0]
     passages = student.encode(embedded_texts())
-    expected = student.score(query, passages)  # no Qdrant involved
+    expected = student.rescore(query, passages)  # no Qdrant involved
     cosines = passages @ query
     hits = D2LLMRetriever(index=indexed[0], similarity_top_k=len(TEXTS),
                           top_n=len(TEXTS)).retrieve(QUERY)
@@ -76,7 +76,7 @@ def test_iem_reranks_the_cosine_candidates(embed, indexed):
     query = student.encode([QUERY], kind="query")[0]
     passages = student.encode(embedded_texts())
     candidates = (passages @ query).argsort(descending=True)[:4].tolist()
-    logits = student.score(query, passages[candidates]).tolist()
+    logits = student.rescore(query, passages[candidates]).tolist()
     best_two = [TEXTS[candidates[i]] for i in sorted(range(4), key=lambda i: -logits[i])[:2]]
     hits = D2LLMRetriever(index=indexed[0], similarity_top_k=4, top_n=2).retrieve(QUERY)
     assert [h.node.get_content() for h in hits] == best_two

@@ -334,19 +334,23 @@ def test_top_layer_lora_trains_on_cached_lower_states(tmp_path, beir, tiny_backb
                 teacher=OverlapTeacher())
 
 
-def test_the_distiller_records_iem_weights_chosen_on_a_whole_corpus_dev_ranking(
+def test_the_distiller_records_the_fusion_chosen_on_a_whole_corpus_dev_ranking(
         tmp_path, beir, tiny_backbone):
     config = make_config(tmp_path, beir, tiny_backbone, epochs=2, dev_fraction=0.25)
     output = distill(config, teacher=OverlapTeacher())
     student = D2LLMStudent.from_pretrained(output, dtype="float32")
     summary = json.loads((output / "training_summary.json").read_text())
     dev = summary["training"]["dev"]
-    assert set(student.config.iem_weights) == {"dense", "hybrid"}
+    assert set(student.config.fusion) == {"dense", "hybrid"}
     for stage in ("dense", "hybrid"):
-        assert student.config.iem_weights[stage] == dev[f"iem_weight_{stage}"]
-        # the recorded weight is the best on dev: never below the first stage alone (weight 0)
-        assert dev[f"dev_{stage}_blend_ndcg@10"] >= dev[f"dev_{stage}_ndcg@10"] - 1e-9
-        assert dev[f"dev_{stage}_blend_ndcg@10"] >= dev[f"dev_{stage}_iem_ndcg@10"] - 1e-9
+        fusion = student.config.fusion[stage]
+        if fusion is None:
+            assert not dev[f"fusion_{stage}_rescore"]
+        else:
+            assert (fusion.lexical, fusion.iem) == (dev[f"fusion_{stage}_lexical"],
+                                                    dev[f"fusion_{stage}_iem"])
+        # the recorded fusion is kept only where it gains on dev: never below the first stage
+        assert dev[f"dev_{stage}_rescored_ndcg@10"] >= dev[f"dev_{stage}_ndcg@10"] - 1e-9
     history = summary["training"]["history"]
     assert history and all("dev_ndcg@10" in entry for entry in history)
 
@@ -367,7 +371,7 @@ def test_without_a_teacher_the_judgements_label_the_pairs(tmp_path, beir, tiny_b
     for example in data.examples:
         assert example.teacher_probs.tolist() == [1.0] + [0.0] * (len(example.candidate_ids) - 1)
     output = distill(config)
-    assert D2LLMStudent.from_pretrained(output, dtype="float32").config.iem_weights
+    assert D2LLMStudent.from_pretrained(output, dtype="float32").config.fusion
 
 
 def test_no_teacher_needs_judged_queries(tmp_path, beir, tiny_backbone):

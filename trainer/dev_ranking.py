@@ -5,16 +5,17 @@ always among them) as a deployment does:
 
 - dense: exact cosine over the student's vectors, top ``depth``;
 - hybrid: that list fused by reciprocal rank with BM25's top ``depth`` (the product's BM25,
-  ``SparseBM25``);
-- each rescored by the IEM, blended with its first stage at every weight of
-  ``blend.WEIGHT_GRID`` (``student/blend.py``; weight 0 is the first stage unchanged).
+  ``SparseBM25``), as Qdrant's hybrid query fuses them;
+- each list rescored as ``D2LLMRetriever`` rescores it (``student/fusion.py``): the
+  candidates' cosine, BM25 score (hybrid) and IEM logit fused, at each weight of the grids.
 
-The weight per first stage that the student records (``iem_weights``) is the dev-best one
-when its gain is beyond noise, else 0 (``choose_weight``), so the IEM is trusted only as far
-as it helps on queries it was not trained on. The early-stopping figure (``dev_ndcg@10``) is
-the mean over both first stages of nDCG@10 at the recorded weight, the same figure that is
-reported. Ranking each dev query's own candidate list instead (its positives
-and BM25 negatives) gave figures near 0.9 that said nothing about search.
+The fusion the student records per first stage (``D2LLMConfig.fusion``) is chosen by
+``choose_fusion``: for hybrid, the dev-best BM25 weight when its gain over the fused order
+is beyond noise (else the RRF order is kept); then, for both, the dev-best IEM weight when
+its gain is beyond noise (else 0). The early-stopping figure (``dev_ndcg@10``) is the mean
+over both first stages of nDCG@10 with the recorded fusion, the same figure that is
+reported. Ranking each dev query's own candidate list instead (its positives and BM25
+negatives) gave figures near 0.9 that said nothing about search.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from llama_index_d2llm.student import D2LLMStudent
-from llama_index_d2llm.student.blend import FIRST_STAGES, WEIGHT_GRID, blend_ranks
+from llama_index_d2llm.student.fusion import FIRST_STAGES, FusionWeights, fuse
 from llama_index_d2llm.trainer.dataset import RankingItem
 from llama_index_d2llm.trainer.evaluation import (
     RunDict,
@@ -42,6 +43,10 @@ DEV_CORPUS_LIMIT = 10_000
 DEV_DEPTH = 100
 #: The figure early stopping watches.
 DEV_METRIC = "dev_ndcg@10"
+#: BM25 weights tried for the hybrid fusion (beside the cosine's 1).
+LEXICAL_GRID = (0.25, 0.5, 0.75, 1.0, 1.5)
+#: IEM weights tried (0: the IEM is left out).
+IEM_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 TextEncoder = Callable[[Sequence[str], str], torch.Tensor]
 
@@ -117,6 +122,7 @@ class DevRanking:
     texts: dict[str, str]
     lexical: RunDict
     depth: int = DEV_DEPTH
+    bm25: SparseBM25 | None = None
 
     @classmethod
     def build(cls, items: Sequence[RankingItem], texts: dict[str, str], seed: int,
@@ -129,7 +135,7 @@ class DevRanking:
         index = SparseBM25([texts[pid] for pid in ids])
         lexical = {item.id: {ids[i]: score for i, score in index.search(item.text, depth)}
                    for item in items}
-        return cls(list(items), ids, texts, lexical, depth)
+        return cls(list(items), ids, texts, lexical, depth, index)
 
     @property
     def qrels(self) -> dict[str, dict[str, int]]:
@@ -137,12 +143,13 @@ class DevRanking:
 
     def evaluate(self, student: D2LLMStudent, encoder: TextEncoder, chunk: int = 64
                  ) -> dict[str, float]:
-        """nDCG@10 and Recall@100 of every first stage, and of the IEM blended at each weight.
+        """nDCG@10 and Recall@100 of every first stage, and of its rescoring by each fusion.
 
-        Keys: ``dev_{stage}_ndcg@10``, ``dev_{stage}_recall@100``, ``dev_{stage}_iem_ndcg@10``
-        (the IEM alone, weight 1), ``dev_{stage}_best_*`` (the dev-best weight and its gain),
-        ``dev_{stage}_blend_ndcg@10`` with ``iem_weight_{stage}`` (the weight to record,
-        ``choose_weight``), and ``dev_ndcg@10``.
+        Keys: ``dev_{stage}_ndcg@10``, ``dev_{stage}_recall@100`` (the first stage),
+        ``dev_{stage}_rescored_ndcg@10`` (with the fusion to record) and what chose it
+        (``choose_fusion``: ``dev_hybrid_fused_ndcg@10`` and ``dev_hybrid_lexical_*``, the
+        BM25 weight; ``dev_{stage}_iem_*``, the IEM weight), the fusion itself
+        (``fusion_{stage}_rescore``, ``_lexical``, ``_iem``), and ``dev_ndcg@10``.
         """
         from llama_index_d2llm.trainer.training import encode_distinct
 
@@ -164,7 +171,7 @@ class DevRanking:
                                                        queries, passages, row))
         finally:
             student.train(was_training)
-        metrics[DEV_METRIC] = sum(metrics[f"dev_{s}_blend_ndcg@10"]
+        metrics[DEV_METRIC] = sum(metrics[f"dev_{s}_rescored_ndcg@10"]
                                   for s in FIRST_STAGES) / len(FIRST_STAGES)
         return metrics
 
@@ -180,30 +187,71 @@ class DevRanking:
         qrels = self.qrels
         first = evaluate_run(qrels, run, ["ndcg@10", "recall@100"])
         candidates = {q: sorted(docs, key=lambda d: -docs[d]) for q, docs in run.items()}
-        logits = {}
+        evidence = {}
         for index, item in enumerate(self.items):
             listed = candidates.get(item.id, [])
-            if listed:
-                vectors = passages[[row[p] for p in listed]].to(student.device)
-                logits[item.id] = student.iem(queries[index].to(student.device), vectors,
-                                              item.task).float().cpu()
-        per_query = {}
-        for weight in WEIGHT_GRID:
-            blended = {q: dict(zip(candidates[q], blend_ranks(logits[q], weight).tolist(),
-                                   strict=True)) for q in logits}
-            per_query[weight] = evaluate_run(qrels, blended, ["ndcg@10"],
-                                             per_query=True)["per_query"]["ndcg@10"]
-        choice = choose_weight(per_query)
-        mean = {w: sum(v.values()) / len(v) for w, v in per_query.items()}
-        return {f"dev_{stage}_ndcg@10": first["ndcg@10"],
-                f"dev_{stage}_recall@100": first["recall@100"],
-                f"dev_{stage}_iem_ndcg@10": mean[1.0],
-                f"dev_{stage}_best_blend_ndcg@10": mean[choice.best],
-                f"dev_{stage}_best_weight": choice.best,
-                f"dev_{stage}_best_gain": choice.gain,
-                f"dev_{stage}_best_gain_se": choice.standard_error,
-                f"dev_{stage}_blend_ndcg@10": mean[choice.weight],
-                f"iem_weight_{stage}": choice.weight}
+            if not listed:
+                continue
+            query = queries[index].to(student.device)
+            vectors = passages[[row[p] for p in listed]].to(student.device)
+            cosine = torch.nn.functional.normalize(vectors.float(), dim=-1) @ \
+                torch.nn.functional.normalize(query.float(), dim=-1)
+            logits = student.iem(query, vectors, item.task).float()
+            lexical = None
+            if stage == "hybrid" and self.bm25 is not None:
+                scores = self.bm25.scores(item.text)
+                lexical = torch.tensor([float(scores[row[p]]) for p in listed])
+            evidence[item.id] = (cosine.cpu(), logits.cpu(), lexical)
+
+        def per_query(weights: FusionWeights | None) -> dict[str, float]:
+            rescored = {q: dict(zip(candidates[q], fuse(c, z, weights, x).tolist(),
+                                    strict=True)) for q, (c, z, x) in evidence.items()}
+            return evaluate_run(qrels, rescored, ["ndcg@10"],
+                                per_query=True)["per_query"]["ndcg@10"]
+
+        return choose_fusion(stage, per_query, first)
+
+
+def choose_fusion(stage: str, per_query: Callable[[FusionWeights | None], dict[str, float]],
+                  first: dict[str, float]) -> dict[str, float]:
+    """The fusion to record for this first stage, and the dev figures that chose it.
+
+    ``per_query(weights)`` gives each dev query's nDCG@10 under a fusion (``None``: the first
+    stage's order). Hybrid: the dev-best BM25 weight of ``LEXICAL_GRID`` is kept when its
+    gain over the RRF order clears the noise rule (``choose_weight``), else the RRF order
+    stays. Then the IEM weight: the dev-best of ``IEM_GRID`` on top, by the same rule.
+    """
+    metrics = {f"dev_{stage}_ndcg@10": first["ndcg@10"],
+               f"dev_{stage}_recall@100": first["recall@100"]}
+    lexical = 0.0
+    if stage == "hybrid":
+        curve = {0.0: per_query(None)}
+        curve.update({w: per_query(FusionWeights(lexical=w)) for w in LEXICAL_GRID})
+        choice = choose_weight(curve)
+        metrics.update({f"dev_{stage}_fused_ndcg@10": _mean(curve[choice.best]),
+                        f"dev_{stage}_lexical_best": choice.best,
+                        f"dev_{stage}_lexical_gain": choice.gain,
+                        f"dev_{stage}_lexical_gain_se": choice.standard_error})
+        if choice.weight == 0.0:
+            metrics.update({f"dev_{stage}_rescored_ndcg@10": _mean(curve[0.0]),
+                            f"fusion_{stage}_rescore": 0.0, f"fusion_{stage}_lexical": 0.0,
+                            f"fusion_{stage}_iem": 0.0})
+            return metrics
+        lexical = choice.weight
+    curve = {w: per_query(FusionWeights(lexical=lexical, iem=w)) for w in IEM_GRID}
+    choice = choose_weight(curve)
+    metrics.update({f"dev_{stage}_iem_best": choice.best,
+                    f"dev_{stage}_iem_best_ndcg@10": _mean(curve[choice.best]),
+                    f"dev_{stage}_iem_gain": choice.gain,
+                    f"dev_{stage}_iem_gain_se": choice.standard_error,
+                    f"dev_{stage}_rescored_ndcg@10": _mean(curve[choice.weight]),
+                    f"fusion_{stage}_rescore": 1.0, f"fusion_{stage}_lexical": lexical,
+                    f"fusion_{stage}_iem": choice.weight})
+    return metrics
+
+
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else 0.0
 
 
 @dataclass(frozen=True)
@@ -219,15 +267,15 @@ GAIN_Z = 1.645
 
 
 def choose_weight(per_query: dict[float, dict[str, float]], z: float = GAIN_Z) -> WeightChoice:
-    """The IEM weight to record: the dev-best weight only when its gain over the first stage
-    (weight 0) is beyond noise, else 0.
+    """The weight to record: the dev-best weight only when its gain over weight 0 is beyond
+    noise, else 0.
 
         d_q  = nDCG@10_q(w_best) - nDCG@10_q(0)          per dev query q
         keep w_best  iff  mean(d) > z * std(d) / sqrt(n)
 
-    Why not the plain argmax: on 5-fold SciFact the dev-best weight (0.4-0.7 on 65 dev
-    queries) lowered held-out nDCG@10 by 0.010 (dense) and 0.015 (hybrid) on average, while
-    held-out nDCG fell steadily as the weight grew; the argmax of 11 noisy figures picks noise.
+    Why not the plain argmax: on 5-fold SciFact the dev-best IEM weight of a rank blend
+    (0.4-0.7 on 65 dev queries) lowered held-out nDCG@10 by 0.010 (dense) and 0.015 (hybrid)
+    on average; the argmax of several noisy figures picks noise.
     """
     import statistics
 
@@ -241,24 +289,40 @@ def choose_weight(per_query: dict[float, dict[str, float]], z: float = GAIN_Z) -
                         standard_error=se)
 
 
-def weights_from(metrics: dict[str, float]) -> dict[str, float]:
-    """The IEM weights a dev evaluation chose, as ``D2LLMConfig.iem_weights`` holds them."""
-    return {stage: float(metrics[f"iem_weight_{stage}"]) for stage in FIRST_STAGES
-            if f"iem_weight_{stage}" in metrics}
+def fusion_from(metrics: dict[str, float]) -> dict[str, FusionWeights | None]:
+    """The fusions a dev evaluation chose, as ``D2LLMConfig.fusion`` holds them."""
+    fusion: dict[str, FusionWeights | None] = {}
+    for stage in FIRST_STAGES:
+        if f"fusion_{stage}_rescore" not in metrics:
+            continue
+        fusion[stage] = (FusionWeights(lexical=float(metrics[f"fusion_{stage}_lexical"]),
+                                       iem=float(metrics[f"fusion_{stage}_iem"]))
+                         if metrics[f"fusion_{stage}_rescore"] else None)
+    return fusion
 
 
 def format_report(metrics: dict[str, float]) -> str:
-    """What the IEM buys, as the distiller prints it."""
+    """What the rescoring buys, as the distiller prints it."""
     lines = ["dev ranking over the corpus (nDCG@10):"]
     for stage in FIRST_STAGES:
         if f"dev_{stage}_ndcg@10" not in metrics:
             continue
-        lines.append(
-            f"  {stage:<6} first stage {metrics[f'dev_{stage}_ndcg@10']:.4f} | + IEM alone "
-            f"{metrics[f'dev_{stage}_iem_ndcg@10']:.4f} | best blend (weight "
-            f"{metrics[f'dev_{stage}_best_weight']:.1f}) "
-            f"{metrics[f'dev_{stage}_best_blend_ndcg@10']:.4f}, gain "
-            f"{metrics[f'dev_{stage}_best_gain']:+.4f} +- "
-            f"{metrics[f'dev_{stage}_best_gain_se']:.4f} | recorded weight "
-            f"{metrics[f'iem_weight_{stage}']:.1f}")
+        parts = [f"  {stage:<6} first stage {metrics[f'dev_{stage}_ndcg@10']:.4f}"]
+        if f"dev_{stage}_lexical_best" in metrics:
+            parts.append(f"+ BM25 scores (weight {metrics[f'dev_{stage}_lexical_best']:.2f}) "
+                         f"{metrics[f'dev_{stage}_fused_ndcg@10']:.4f}, gain "
+                         f"{metrics[f'dev_{stage}_lexical_gain']:+.4f} +- "
+                         f"{metrics[f'dev_{stage}_lexical_gain_se']:.4f}")
+        if f"dev_{stage}_iem_best" in metrics:
+            parts.append(f"+ IEM (weight {metrics[f'dev_{stage}_iem_best']:.2f}) "
+                         f"{metrics[f'dev_{stage}_iem_best_ndcg@10']:.4f}, gain "
+                         f"{metrics[f'dev_{stage}_iem_gain']:+.4f} +- "
+                         f"{metrics[f'dev_{stage}_iem_gain_se']:.4f}")
+        if metrics.get(f"fusion_{stage}_rescore"):
+            recorded = (f"BM25 {metrics[f'fusion_{stage}_lexical']:.2f}, "
+                        f"IEM {metrics[f'fusion_{stage}_iem']:.2f}")
+        else:
+            recorded = "first-stage order kept"
+        parts.append(f"recorded: {recorded} -> {metrics[f'dev_{stage}_rescored_ndcg@10']:.4f}")
+        lines.append(" | ".join(parts))
     return "\n".join(lines)

@@ -341,9 +341,11 @@ def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tenso
 
 def rerank(student: D2LLMStudent, run: RunDict, query_vectors: dict[str, torch.Tensor],
            passage_vectors: dict[str, torch.Tensor], rerank_k: int,
-           task: str = "asymmetric", first_stage: str = "dense") -> RunDict:
+           task: str = "asymmetric", first_stage: str = "dense",
+           lexical: Callable[[str, list[str]], list[float]] | None = None) -> RunDict:
     """Each query's top ``rerank_k`` first-stage passages rescored as the retriever does: the
-    IEM blended with the first stage by the weight the student recorded for it."""
+    fusion the student recorded for that first stage (``student/fusion.py``), with the
+    candidates' BM25 scores from ``lexical(query_id, passage_ids)`` for hybrid search."""
     reranked: RunDict = {}
     for query_id, docs in run.items():
         top = sorted(docs, key=docs.get, reverse=True)[:rerank_k]
@@ -352,7 +354,9 @@ def rerank(student: D2LLMStudent, run: RunDict, query_vectors: dict[str, torch.T
             continue
         scores = student.rescore(query_vectors[query_id],
                                  torch.stack([passage_vectors[d] for d in top]),
-                                 first_stage=first_stage, task=task)
+                                 first_stage=first_stage, task=task,
+                                 lexical_scores=None if lexical is None else lexical(query_id,
+                                                                                     top))
         reranked[query_id] = dict(zip(top, scores.tolist(), strict=True))
     return reranked
 
@@ -441,13 +445,31 @@ def evaluate_student(student: D2LLMStudent, data: BeirData | str | Path, *, spli
         runs["hybrid"] = hybrid
         if rerank_k:
             hybrid_reranked = rerank(student, hybrid, by_id_q, by_id_p, rerank_k, task,
-                                     first_stage="hybrid")
+                                     first_stage="hybrid",
+                                     lexical=_product_bm25(data, {q: data.queries[q]
+                                                                  for q in query_ids}))
             result["hybrid_reranked"] = evaluate_run(qrels, hybrid_reranked, metrics)
             runs["hybrid_reranked"] = hybrid_reranked
     result["timings"] = timings
     if runs_output is not None:
         write_json(runs_output, runs)
     return result
+
+
+def _product_bm25(data: BeirData, queries: dict[str, str]
+                  ) -> Callable[[str, list[str]], list[float]]:
+    """BM25 scores of given passages as the hybrid retriever gets them from Qdrant (the
+    product's BM25, ``dev_ranking.SparseBM25``, scored in memory), one query at a time."""
+    from llama_index_d2llm.trainer.dev_ranking import SparseBM25
+
+    index = SparseBM25([p.text for p in data.corpus])
+    row = {p.id: i for i, p in enumerate(data.corpus)}
+
+    def scores(query_id: str, passage_ids: list[str]) -> list[float]:
+        found = index.scores(queries[query_id])
+        return [float(found[row[p]]) for p in passage_ids]
+
+    return scores
 
 
 def _truncate(run: RunDict, k: int) -> RunDict:

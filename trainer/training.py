@@ -42,7 +42,7 @@ from llama_index_d2llm.trainer.dev_ranking import (
     DevRanking,
     SparseBM25,
     format_report,
-    weights_from,
+    fusion_from,
 )
 from llama_index_d2llm.trainer.evaluation import evaluate_run
 from llama_index_d2llm.trainer.losses import D2LLMDistillationLoss
@@ -461,7 +461,7 @@ class DistillationTrainer:
                         self.stopping_metric, state["best_metric"])
             self._load_trainable_state(best_state)
         self.student.eval()
-        dev = self._record_iem_weights(state)
+        dev = self._record_fusion(state)
         completed = state["epoch"] + state["batch"] / max(batches_per_epoch, 1)
         return TrainingResult(
             steps=state["step"], epochs=round(completed, 4), stopped_early=stopped_early,
@@ -472,20 +472,21 @@ class DistillationTrainer:
             dev=dev,
         )
 
-    def _record_iem_weights(self, state: dict[str, Any]) -> dict[str, float]:
-        """Record in the student how far to trust its IEM over each first stage
-        (``student/blend.py``), from the whole-corpus dev ranking of the kept weights: the
+    def _record_fusion(self, state: dict[str, Any]) -> dict[str, float]:
+        """Record in the student how each first stage's candidates are rescored
+        (``student/fusion.py``), from the whole-corpus dev ranking of the kept weights: the
         evaluation that chose them, else a new one."""
         if self.dev_ranking is None:
-            logger.warning("no dev queries to measure the IEM on: the student rescores with the "
-                           "IEM alone; hold some queries out (--dev-fraction) to let the "
-                           "distiller choose how far to trust it")
+            logger.warning("no dev queries to weigh the rescoring on: the student rescores "
+                           "with the default fusion (cosine, and BM25 for hybrid search; no "
+                           "IEM); hold some queries out (--dev-fraction) to let the distiller "
+                           "measure what the IEM adds")
             return {}
         kept = [entry for entry in state["history"]
                 if entry["step"] == state["best_step"] and DEV_METRIC in entry]
-        metrics = ({k: v for k, v in kept[-1].items() if k.startswith(("dev_", "iem_weight_"))}
+        metrics = ({k: v for k, v in kept[-1].items() if k.startswith(("dev_", "fusion_"))}
                    if kept else self._dev_metrics())
-        self.student.config.iem_weights = weights_from(metrics)
+        self.student.config.fusion = fusion_from(metrics)
         logger.info("%s", format_report(metrics))
         return metrics
 

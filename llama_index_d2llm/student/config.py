@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from llama_index_d2llm.student.blend import check_weights
 from llama_index_d2llm.student.errors import CheckpointError
+from llama_index_d2llm.student.fusion import check_fusion
+
+logger = logging.getLogger(__name__)
 
 #: Version of the on-disk layout; a directory written with another version is refused.
 FORMAT_VERSION = 1
@@ -61,9 +64,10 @@ class D2LLMConfig:
     query_instruction: str = "Query: "
     passage_instruction: str = "Passage: "
     normalize: bool = True
-    #: Trust in the IEM over each first stage ("dense", "hybrid"), 0..1, chosen on dev by the
-    #: distiller (student/blend.py); a stage missing here is rescored by the IEM alone (1).
-    iem_weights: dict[str, float] = field(default_factory=dict)
+    #: How each first stage ("dense", "hybrid") is rescored: weights of BM25 and the IEM beside
+    #: the cosine, chosen on dev by the distiller (student/fusion.py); ``None`` keeps the first
+    #: stage's order, a stage missing here gets ``fusion.default_fusion``.
+    fusion: dict[str, Any] = field(default_factory=dict)
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     fingerprint: str | None = None
@@ -77,7 +81,7 @@ class D2LLMConfig:
             raise ValueError("backbone_layers must be a positive number of layers or None")
         if self.max_query_length < 1 or self.max_passage_length < 1:
             raise ValueError("max_query_length and max_passage_length must be positive")
-        self.iem_weights = check_weights(dict(self.iem_weights or {}))
+        self.fusion = check_fusion(self.fusion)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +101,11 @@ class D2LLMConfig:
         data = dict(data)
         # written before the IEM had its cosine skip: the head is the paper's bare MLP
         data.setdefault("iem_cosine_skip", False)
+        if "iem_weights" in data:  # rank-blend weights of students distilled before the fusion
+            data.pop("iem_weights")
+            logger.warning("this student records rank-blend weights of an older version; it "
+                           "is rescored with the default fusion (student/fusion.py) until "
+                           "distilled again")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -33,7 +33,6 @@ from llama_index_d2llm.student.backbone import (
     resolve_dtype,
     truncate_layers,
 )
-from llama_index_d2llm.student.blend import blend_ranks, check_first_stage
 from llama_index_d2llm.student.config import (
     ADAPTER_DIR,
     CONFIG_NAME,
@@ -48,6 +47,12 @@ from llama_index_d2llm.student.files import (
     make_staging_dir,
     refuse_foreign,
     replace_directory,
+)
+from llama_index_d2llm.student.fusion import (
+    FusionWeights,
+    check_first_stage,
+    default_fusion,
+    fuse,
 )
 from llama_index_d2llm.student.iem import InteractionEmulation
 from llama_index_d2llm.student.pma import PMAPooling
@@ -64,6 +69,12 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: ``extra`` key of configs whose fingerprint also covers the settings that shape the vectors
 #: (lengths, PMA heads, LoRA): absent from students saved before, whose fingerprints stay valid.
 FINGERPRINT_VERSION_KEY = "fingerprint_version"
+
+
+def _as_float_tensor(values: VectorsLike) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.float()
+    return torch.as_tensor(np.asarray(values, dtype=np.float32))
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> hashlib._Hash:
@@ -402,35 +413,41 @@ class D2LLMStudent(nn.Module):
 
         Passages may be ``(N, d)`` (shared) or ``(Q, N, d)`` (one list per query).
         """
-        queries = torch.as_tensor(np.asarray(query_vectors, dtype=np.float32)
-                                  if not isinstance(query_vectors, torch.Tensor)
-                                  else query_vectors, dtype=torch.float32).to(self.device)
-        passages = torch.as_tensor(np.asarray(passage_vectors, dtype=np.float32)
-                                   if not isinstance(passage_vectors, torch.Tensor)
-                                   else passage_vectors, dtype=torch.float32).to(self.device)
+        queries = _as_float_tensor(query_vectors).to(self.device)
+        passages = _as_float_tensor(passage_vectors).to(self.device)
         if passages.numel() == 0:
             return torch.empty(passages.shape[:-1] if passages.dim() > 1 else (0,))
         with torch.inference_mode():
             return self.iem(queries, passages, task).float().cpu()
 
-    def iem_weight(self, first_stage: str = "dense") -> float:
-        """How far the IEM is trusted over this first stage (``blend.py``; 1 if unrecorded)."""
-        return self.config.iem_weights.get(check_first_stage(first_stage), 1.0)
+    def fusion(self, first_stage: str = "dense") -> FusionWeights | None:
+        """How this first stage's candidates are rescored (``fusion.py``): what the distiller
+        recorded, else the default fusion; ``None`` keeps the first stage's order."""
+        stage = check_first_stage(first_stage)
+        if stage in self.config.fusion:
+            return self.config.fusion[stage]
+        return default_fusion(stage)
 
     def rescore(self, query_vector: VectorsLike, passage_vectors: VectorsLike,
                 first_stage: str = "dense", task: Task = "asymmetric",
-                weight: float | None = None) -> torch.Tensor:
-        """Final scores of first-stage candidates, given best first: the IEM's ranking blended
-        with the first stage's by the weight recorded for that stage (or ``weight``).
-
-        ``(N,)`` for one query, ``(Q, N)`` for ``(Q, N, d)`` passage lists. Higher is better.
-        With weight 1 these are the IEM logits themselves.
+                lexical_scores: VectorsLike | None = None,
+                fusion: FusionWeights | None | str = "recorded") -> torch.Tensor:
+        """Final scores of first-stage candidates, given best first: their cosine, BM25 score
+        (``lexical_scores``, hybrid search) and IEM logit fused by the weights recorded for
+        that first stage (or ``fusion``). ``(N,)`` for one query, ``(Q, N)`` for
+        ``(Q, N, d)`` passage lists. Higher is better.
         """
-        logits = self.score(query_vector, passage_vectors, task=task)
-        weight = self.iem_weight(first_stage) if weight is None else weight
-        if logits.shape[-1] == 0 or weight == 1.0:
-            return logits
-        return blend_ranks(logits, weight).float()
+        weights = self.fusion(first_stage) if fusion == "recorded" else fusion
+        passages = _as_float_tensor(passage_vectors)
+        if passages.numel() == 0:
+            return torch.empty(passages.shape[:-1] if passages.dim() > 1 else (0,))
+        query = torch.nn.functional.normalize(_as_float_tensor(query_vector), dim=-1)
+        unit = torch.nn.functional.normalize(passages, dim=-1)
+        cosine = (unit @ query if query.dim() == 1 else torch.einsum("qnd,qd->qn", unit, query))
+        logits = (self.score(query_vector, passages, task=task)
+                  if weights is not None and weights.iem > 0 else torch.zeros_like(cosine))
+        lexical = None if lexical_scores is None else _as_float_tensor(lexical_scores)
+        return fuse(cosine, logits, weights, lexical).float()
 
     # ------------------------------------------------------------------ saving
     def merge_lora(self) -> None:
