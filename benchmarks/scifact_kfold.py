@@ -6,10 +6,10 @@
 81 dev claims move nDCG@10 by 0.05 between seeds, so a decision taken on one split is noise.
 Here the 809 claims are split into ``--folds`` folds (seeded); for each fold and each variant
 a student is distilled with ``d2llm-rag distill`` on the other folds (the distiller holds
-10% of those out for its own dev ranking: early stopping and the IEM weights), then the fold
-is searched as a user's ``D2LLMRetriever`` searches it: through a real local Qdrant collection
-(dense vectors + BM25 sparse vectors), dense or hybrid, each with the IEM blended at the weight
-the student recorded, at weight 1 (the IEM alone) and at weight 0 (the first stage alone).
+10% of those out for its own dev ranking: early stopping and the rescoring's fusion), then the
+fold is searched as a user's ``D2LLMRetriever`` searches it: through a real local Qdrant
+collection (dense vectors + BM25 sparse vectors), dense or hybrid, each rescored with the
+fusion the student recorded, beside the first stage's own order and the IEM's alone.
 The folds' figures are written to WORK/kfold.json with their mean and standard deviation.
 
 ``--docs-only NAME=OPTIONS`` also distils one student from the corpus alone (generated
