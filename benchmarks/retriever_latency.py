@@ -1,0 +1,117 @@
+"""Where a ``D2LLMRetriever`` query spends its time, part by part, dense and hybrid.
+
+    python benchmarks/retriever_latency.py --student runs/kfold/students/fusion-fold0 \\
+        --qdrant-path runs/kfold/qdrant/fusion-fold0 --collection scifact --queries 100
+
+Reuses a collection that ``scifact_kfold.py`` (or ``hybrid_latency.py``) built with that
+student. For ``--queries`` SciFact claims, in one process, each part of ``retrieve`` is timed
+on its own, in the order the retriever runs them:
+
+- ``encode_query``: the student's backbone and PMA over the claim;
+- ``qdrant_search``: the raw ``query_points`` call (cosine, or hybrid: dense + sparse
+  prefetches fused by RRF), with vectors and payloads;
+- ``build_nodes``: turning its points into LlamaIndex nodes with their vectors;
+- ``bm25_scores`` (hybrid): the second, id-filtered sparse query for the candidates' BM25;
+- ``rescore``: the fusion, with the IEM when the student weighs it;
+- ``retrieve``: one whole ``retrieve`` call, for comparison with the sum.
+
+Medians (and 90th percentiles) in ms, written to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, 1000 * (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from qdrant_client import QdrantClient
+
+    from llama_index_d2llm import D2LLMEmbedding, D2LLMRetriever, D2LLMStudent
+    from llama_index_d2llm.qdrant import (
+        _hits,
+        _search_request,
+        _sync_client,
+        describe_collection,
+        lexical_scores,
+        sparse_query,
+    )
+    from llama_index_d2llm.store import D2LLMVectorStore
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--qdrant-path", type=Path, required=True)
+    parser.add_argument("--collection", default="scifact")
+    parser.add_argument("--data", type=Path, default=SCIFACT)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--output", type=Path,
+                        default=Path("benchmarks/results/retriever-latency-cpu.json"))
+    args = parser.parse_args(argv)
+
+    claims = [json.loads(line)["text"]
+              for line in (args.data / "queries.jsonl").read_text().splitlines()]
+    claims = claims[:args.queries]
+    student = D2LLMStudent.from_pretrained(args.student, dtype=args.dtype)
+    embed = D2LLMEmbedding.from_student(student)
+    client = QdrantClient(path=str(args.qdrant_path))
+    result: dict = {"student": str(args.student), "queries": len(claims),
+                    "top_k": args.top_k, "dtype": str(student.backbone_dtype),
+                    "fusion": {s: (None if w is None else w.to_dict())
+                               for s, w in ((s, student.fusion(s)) for s in ("dense", "hybrid"))}}
+    try:
+        store = D2LLMVectorStore(args.collection, embed, client=client)
+        info = describe_collection(store)
+        result["points"] = client.count(args.collection).count
+        for stage in ("dense", "hybrid"):
+            retriever = D2LLMRetriever(vector_store=store, embed_model=embed,
+                                       similarity_top_k=args.top_k, top_n=10,
+                                       hybrid=stage == "hybrid")
+            retriever.retrieve(claims[0])  # warm-up and the student check
+            parts: dict[str, list[float]] = {}
+            for claim in claims:
+                query, ms = timed(embed.get_query_embedding, claim)
+                parts.setdefault("encode_query", []).append(ms)
+                sparse = sparse_query(store, claim) if stage == "hybrid" else None
+                request = _search_request(store, query, args.top_k, info, None, None, None,
+                                          sparse)
+                response, ms = timed(_sync_client(store).query_points, **request)
+                parts.setdefault("qdrant_search", []).append(ms)
+                hits, ms = timed(_hits, store, response.points, info)
+                parts.setdefault("build_nodes", []).append(ms)
+                lexical = None
+                fusion = student.fusion(stage)
+                if stage == "hybrid" and fusion is not None and fusion.lexical > 0:
+                    lexical, ms = timed(lexical_scores, store, sparse,
+                                        [h.node.node_id for h in hits], info)
+                    parts.setdefault("bm25_scores", []).append(ms)
+                _, ms = timed(student.rescore, query, [h.vector for h in hits], stage,
+                              lexical_scores=lexical)
+                parts.setdefault("rescore", []).append(ms)
+                _, ms = timed(retriever.retrieve, claim)
+                parts.setdefault("retrieve", []).append(ms)
+            result[stage] = {part: {"median_ms": round(statistics.median(v), 2),
+                                    "p90_ms": round(statistics.quantiles(v, n=10)[-1], 2)}
+                             for part, v in parts.items()}
+            print(stage, {p: v["median_ms"] for p, v in result[stage].items()}, flush=True)
+    finally:
+        client.close()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
