@@ -19,23 +19,23 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters
 
+from llama_index_d2llm.collection import (
+    CollectionInfo,
+    StoredHit,
+    asearch_with_vectors,
+    first_stage_of,
+    search_with_vectors,
+    sparse_query,
+)
 from llama_index_d2llm.embedding import D2LLMEmbedding
-from llama_index_d2llm.postprocessor import (
+from llama_index_d2llm.provenance import StudentGuard
+from llama_index_d2llm.ranking import (
     Task,
     aquery_vector,
     query_vector,
     rank_by_iem,
     require_d2llm_embedding,
     rerank_events,
-)
-from llama_index_d2llm.qdrant import (
-    CollectionInfo,
-    StoredHit,
-    StudentGuard,
-    asearch_with_vectors,
-    first_stage_of,
-    search_with_vectors,
-    sparse_query,
 )
 from llama_index_d2llm.student.config import TASKS
 
