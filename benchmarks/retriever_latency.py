@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> dict:
     from qdrant_client import QdrantClient
 
     from llama_index_d2llm import D2LLMEmbedding, D2LLMRetriever, D2LLMStudent
-    from llama_index_d2llm.qdrant import (
+    from llama_index_d2llm.collection import (
         _hits,
         _search_request,
-        _sync_client,
         describe_collection,
         lexical_scores,
         sparse_query,
     )
+    from llama_index_d2llm.flows import _sync_client
     from llama_index_d2llm.store import D2LLMVectorStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

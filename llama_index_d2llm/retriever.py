@@ -20,19 +20,9 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters
 
-from llama_index_d2llm.embedding import D2LLMEmbedding
-from llama_index_d2llm.postprocessor import (
-    Task,
-    aquery_vector,
-    query_vector,
-    rank_by_iem,
-    require_d2llm_embedding,
-    rerank_events,
-)
-from llama_index_d2llm.qdrant import (
+from llama_index_d2llm.collection import (
     CollectionInfo,
     StoredHit,
-    StudentGuard,
     alexical_scores,
     asearch_with_vectors,
     first_stage_of,
@@ -40,14 +30,20 @@ from llama_index_d2llm.qdrant import (
     search_with_vectors,
     sparse_query,
 )
+from llama_index_d2llm.embedding import D2LLMEmbedding
+from llama_index_d2llm.provenance import StudentGuard
+from llama_index_d2llm.ranking import (
+    Task,
+    aquery_vector,
+    query_vector,
+    rank_by_iem,
+    require_d2llm_embedding,
+    rerank_events,
+    weighs_lexical,
+)
 from llama_index_d2llm.student.config import TASKS
 
 dispatcher = get_dispatcher(__name__)
-
-
-def _weighs_lexical(student: Any) -> bool:
-    fusion = student.fusion("hybrid")
-    return fusion is not None and fusion.lexical > 0
 
 
 class D2LLMRetriever(BaseRetriever):
@@ -149,6 +145,11 @@ class D2LLMRetriever(BaseRetriever):
             finish(ranked)
         return ranked
 
+    def _needs_bm25(self, search: dict[str, Any], hits: list[StoredHit]) -> bool:
+        """Whether the hybrid fusion needs the candidates' BM25 scores from Qdrant."""
+        return (search.get("sparse_query") is not None and bool(hits)
+                and weighs_lexical(self._embed_model, "hybrid"))
+
     @dispatcher.span
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         student = self._embed_model.student
@@ -160,7 +161,7 @@ class D2LLMRetriever(BaseRetriever):
         hits = search_with_vectors(self._vector_store, query, self.similarity_top_k, info,
                                    **search)
         lexical = None
-        if search.get("sparse_query") is not None and hits and _weighs_lexical(student):
+        if self._needs_bm25(search, hits):
             lexical = lexical_scores(self._vector_store, search["sparse_query"],
                                      [h.node.node_id for h in hits], info)
         return self._rank(query_bundle, query, hits, self.first_stage(info), lexical)
@@ -175,7 +176,7 @@ class D2LLMRetriever(BaseRetriever):
         hits = await asearch_with_vectors(self._vector_store, query, self.similarity_top_k,
                                           info, **search)
         lexical = None
-        if search.get("sparse_query") is not None and hits and _weighs_lexical(student):
+        if self._needs_bm25(search, hits):
             lexical = await alexical_scores(self._vector_store, search["sparse_query"],
                                             [h.node.node_id for h in hits], info)
         return await asyncio.to_thread(self._rank, query_bundle, query, hits,

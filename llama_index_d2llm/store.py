@@ -18,12 +18,11 @@ from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.schema import BaseNode
 from llama_index.vector_stores.qdrant import QdrantVectorStore
 
-from llama_index_d2llm.qdrant import (
-    CollectionInfo,
+from llama_index_d2llm.collection import CollectionInfo, describe_collection
+from llama_index_d2llm.provenance import (
     StudentGuard,
     arecord_student,
     check_node_vectors,
-    describe_collection,
     record_student,
 )
 from llama_index_d2llm.sparse import SPARSE_VECTOR_NAME, BM25Encoder, sparse_vector_params
