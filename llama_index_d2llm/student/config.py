@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llama_index_d2llm.student.blend import check_weights
 from llama_index_d2llm.student.errors import CheckpointError
+from llama_index_d2llm.student.settings import from_known_keys
+from llama_index_d2llm.student.tasks import TASKS  # noqa: F401  (re-exported)
 
 #: Version of the on-disk layout; a directory written with another version is refused.
 FORMAT_VERSION = 1
@@ -16,8 +18,6 @@ CONFIG_NAME = "d2llm_config.json"
 HEADS_NAME = "heads.safetensors"
 ADAPTER_DIR = "adapter"
 MERGED_BACKBONE_DIR = "backbone"
-
-TASKS = ("asymmetric", "symmetric")
 
 
 @dataclass
@@ -97,11 +97,8 @@ class D2LLMConfig:
         data = dict(data)
         # written before the IEM had its cosine skip: the head is the paper's bare MLP
         data.setdefault("iem_cosine_skip", False)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CheckpointError(f"unknown fields in {CONFIG_NAME}: {unknown}")
-        return cls(**data)
+        return from_known_keys(cls, data, lambda unknown, _: CheckpointError(
+            f"unknown fields in {CONFIG_NAME}: {unknown}"))
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> D2LLMConfig:
