@@ -39,7 +39,7 @@ def build_student(args, lora_layers: list[int] | None, lora: bool):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from llama_index_d2llm.student import backbone as bb
-    from llama_index_d2llm.student.model import D2LLMConfig, _wrap_lora
+    from llama_index_d2llm.student.model import D2LLMConfig, wrap_lora
 
     path = bb.resolve_backbone(args.backbone)
     device = bb.resolve_device(args.device)
@@ -48,7 +48,7 @@ def build_student(args, lora_layers: list[int] | None, lora: bool):
     body = bb.truncate_layers(body, args.backbone_layers)
     config = D2LLMConfig(hidden_size=body.config.hidden_size, lora=settings)
     if settings is not None:
-        body = _wrap_lora(body, settings)
+        body = wrap_lora(body, settings)
     return D2LLMStudent(config, body, AutoTokenizer.from_pretrained(path), device, dtype)
 
 

@@ -23,7 +23,7 @@ from llama_index_d2llm.trainer.evaluation import (
     read_run,
     spearman,
 )
-from llama_index_d2llm.trainer.queries import SymmetricPair
+from llama_index_d2llm.trainer.pairs import SymmetricPair
 from tests.distill_fixtures import write_beir
 
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from llama_index_d2llm.trainer.corpus import Passage
+from llama_index_d2llm.trainer.pairs import SymmetricPair, load_pairs
 from llama_index_d2llm.trainer.queries import (
     Query,
     QueryError,
-    SymmetricPair,
     clean_generated_query,
     generate_queries,
-    load_pairs,
     load_queries,
     split_queries,
 )

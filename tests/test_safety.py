@@ -239,7 +239,7 @@ def test_a_missing_model_path_names_the_flag(flag, tmp_path, beir, tiny_backbone
 
 
 def test_binary_files_can_be_excluded_on_the_command_line(tmp_path, tiny_backbone, capsys):
-    from llama_index_d2llm.trainer.distill import _load_inputs
+    from llama_index_d2llm.trainer.distill import load_inputs
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -251,7 +251,7 @@ def test_binary_files_can_be_excluded_on_the_command_line(tmp_path, tiny_backbon
     assert cli.main(argv) == cli.EXIT_USAGE
     assert "--exclude '*.bin'" in capsys.readouterr().err
     config = cli.config_from_args(cli.build_parser().parse_args([*argv, "--exclude", "*.bin"]))
-    passages, _, _ = _load_inputs(config)
+    passages, _, _ = load_inputs(config)
     assert len(passages) == len(TOPICS) and config.exclude == ["*.bin"]
 
 

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from llama_index_d2llm import D2LLMStudent
+from llama_index_d2llm.trainer.checkpoints import list_checkpoints
 from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, ConfigError, DistillConfig
 from llama_index_d2llm.trainer.corpus import CorpusError
 from llama_index_d2llm.trainer.dataset import Collator, sample_easy_negatives
 from llama_index_d2llm.trainer.distill import distill, prepare_data, resolve_config
+from llama_index_d2llm.trainer.encoding import backbone_encoder
 from llama_index_d2llm.trainer.losses import LossWeights
+from llama_index_d2llm.trainer.objective import evaluate_objective
 from llama_index_d2llm.trainer.token_states import TokenStateCache
-from llama_index_d2llm.trainer.training import (
-    backbone_encoder,
-    evaluate_objective,
-    list_checkpoints,
-)
 from tests.distill_fixtures import OverlapTeacher, write_beir
 
 

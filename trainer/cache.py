@@ -3,9 +3,8 @@ queries, mined negatives).
 
 Entries are keyed by a sha256 of everything that determines them (teacher fingerprint, mode,
 prompt, texts, settings), so a changed input is a cache miss, never a stale hit. Every file is
-written to a temporary name in its final directory and renamed into place (``os.replace`` is
-atomic on one file system), so an interrupted run leaves either a whole entry or none. JSON
-for what a user may want to read; safetensors for tensors (never pickle).
+written atomically (``student/files.py``), so an interrupted run leaves either a whole entry or
+none. JSON for what a user may want to read; safetensors for tensors (never pickle).
 """
 
 from __future__ import annotations
@@ -14,15 +13,21 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llama_index_d2llm.student.files import default_mode
+from llama_index_d2llm.student.files import (  # re-exported: the trainer's stages use them
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+
+__all__ = ["ROWS_FORMAT", "RowChunks", "TensorRowCache", "atomic_write_bytes",
+           "atomic_write_json", "atomic_write_text", "cached_rows", "content_key", "read_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,32 +39,6 @@ def content_key(*parts: Any) -> str:
     payload = json.dumps(parts, ensure_ascii=False, sort_keys=True, separators=(",", ":"),
                          default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(handle, default_mode())  # mkstemp's 0600 would stay on the renamed file
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -164,3 +143,44 @@ class TensorRowCache:
         for row, key in enumerate(keys):
             index[key] = (path.name, row)
         return path
+
+
+#: What a computation hands ``cached_rows`` as it goes: (keys, {name: rows of those keys}).
+RowChunks = Iterable[tuple[list[str], dict[str, torch.Tensor]]]
+
+
+def cached_rows(cache: TensorRowCache | None, keys: Sequence[str],
+                compute: Callable[[list[int]], RowChunks]) -> dict[str, torch.Tensor]:
+    """Rows for ``keys`` in order, {name: tensor}: stored ones read, the others computed.
+
+    ``compute(positions)`` gets the first position of each distinct key the cache lacks and
+    yields chunks as it goes; each chunk is written at once, so an interrupted computation
+    keeps what it finished. Without a cache every distinct key is computed.
+    """
+    unique: dict[str, int] = {}
+    for position, key in enumerate(keys):
+        unique.setdefault(key, position)
+    stored = set() if cache is None else {k for k in unique if k in cache}
+    todo = [position for key, position in unique.items() if key not in stored]
+    computed: dict[str, dict[str, torch.Tensor]] = {}
+    if todo:
+        for chunk_keys, rows in compute(todo):
+            if cache is not None:
+                cache.write(chunk_keys, rows)
+            for row, key in enumerate(chunk_keys):
+                computed[key] = {name: tensor[row] for name, tensor in rows.items()}
+    output: dict[str, torch.Tensor] = {}
+
+    def put(name: str, positions: list[int], values: torch.Tensor) -> None:
+        if name not in output:
+            output[name] = torch.empty((len(keys), *values.shape[1:]), dtype=values.dtype)
+        output[name][positions] = values
+
+    from_cache = [i for i, key in enumerate(keys) if key not in computed]
+    if from_cache:
+        for name, values in cache.load([keys[i] for i in from_cache]).items():  # type: ignore[union-attr]
+            put(name, from_cache, values)
+    fresh = [i for i, key in enumerate(keys) if key in computed]
+    for name in computed[keys[fresh[0]]] if fresh else ():
+        put(name, fresh, torch.stack([computed[keys[i]][name] for i in fresh]))
+    return output

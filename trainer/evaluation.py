@@ -1,126 +1,46 @@
 """Evaluation: BEIR retrieval (first stage and after IEM reranking) and STS correlation.
 
-Metrics come from ``ranx`` (nDCG@10, Recall@100, MRR@10 by default), never hand-written, and
-any run dict can be scored with the same code (``evaluate_run``), so BM25 or teacher-reranking
-baselines are measured exactly like the student. The first stage is exact cosine search over
-the student's vectors (or a local Qdrant collection, as in production); the IEM then rescores
-each query's top ``rerank_k``.
+Metrics come from ``ranx`` (``runs.py``), so BM25 or teacher-reranking baselines are measured
+exactly like the student. The first stage is exact cosine search over the student's vectors
+(or a local Qdrant collection, as in production: ``search.py``); the IEM then rescores each
+query's top ``rerank_k``. The data is a BEIR folder (``beir.py``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llama_index_d2llm.student import D2LLMError, D2LLMStudent
-from llama_index_d2llm.trainer.corpus import Passage, load_corpus
-from llama_index_d2llm.trainer.queries import SymmetricPair
+from llama_index_d2llm.student import D2LLMStudent
+from llama_index_d2llm.trainer.beir import BeirData, load_beir, read_qrels
+from llama_index_d2llm.trainer.pairs import SymmetricPair
+from llama_index_d2llm.trainer.runs import (
+    DEFAULT_METRICS,
+    EvaluationError,
+    Qrels,
+    RunDict,
+    evaluate_run,
+    fuse_runs,
+    read_run,
+)
+from llama_index_d2llm.trainer.search import exact_search, qdrant_runs, qdrant_search
+
+__all__ = [  # the run, data and search pieces live in runs.py, beir.py and search.py
+    "DEFAULT_METRICS", "BeirData", "Encoder", "EvaluationError", "Qrels", "RunDict", "bm25_run",
+    "evaluate_pairs", "evaluate_run", "evaluate_student", "exact_search", "fuse_runs",
+    "load_beir", "qdrant_runs", "qdrant_search", "read_qrels", "read_run", "rerank", "spearman",
+    "student_encoder", "write_json",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
-Qrels = dict[str, dict[str, int]]
-RunDict = dict[str, dict[str, float]]
 Encoder = Callable[[Sequence[str], str], torch.Tensor]
-
-
-class EvaluationError(D2LLMError, ValueError):
-    """Evaluation data that cannot be used; the message says what to change."""
-
-
-def evaluate_run(qrels: Qrels, run: RunDict, metrics: Sequence[str] = DEFAULT_METRICS,
-                 per_query: bool = False) -> dict[str, Any]:
-    """Mean metrics (``ranx``) of a run against relevance judgements.
-
-    Every judged query counts: one missing from the run scores 0. Queries of the run that have
-    no judgement cannot be scored and are ignored. With ``per_query`` also returns
-    ``{"per_query": {metric: {query_id: value}}}``.
-    """
-    from ranx import Qrels as RanxQrels
-    from ranx import Run as RanxRun
-    from ranx import evaluate
-
-    judged = {q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items()
-              if any(int(r) > 0 for r in docs.values())}
-    if not judged:
-        raise EvaluationError("the relevance judgements have no query with a relevant document "
-                              "(score > 0): pass the qrels of the split you evaluate")
-    scored = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items() if q in judged}
-    # ranx cannot hold a query with no results: such queries score 0, as missing ones do
-    scored = {q: docs for q, docs in scored.items() if docs}
-    ids = sorted(judged)
-    result: dict[str, Any] = {}
-    if scored:
-        # the judgements of the scored queries only: ranx's make_comparable would do the same,
-        # but it is compiled by numba on every first call in a process (about 10 s)
-        ranx_run = RanxRun(scored)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numba's type-safety chatter
-            evaluate(RanxQrels({q: judged[q] for q in scored}), ranx_run, list(metrics),
-                     save_results_in_run=True)
-        per = {m: {q: float(ranx_run.scores[m].get(q, 0.0)) for q in ids} for m in metrics}
-    else:
-        per = {m: {q: 0.0 for q in ids} for m in metrics}
-    for metric in metrics:
-        result[metric] = sum(per[metric].values()) / len(ids)
-    if per_query:
-        result["per_query"] = per
-    return result
-
-
-def read_run(path: str | Path) -> RunDict:
-    """A run file: JSON ``{query_id: {doc_id: score}}`` or TREC (``q Q0 doc rank score tag``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise EvaluationError(f"cannot read the run file {str(path)!r} ({exc})") from exc
-    if text.lstrip().startswith("{"):
-        try:
-            run = json.loads(text)
-        except ValueError as exc:
-            raise EvaluationError(f"{path} is not valid JSON ({exc})") from None
-        if not all(isinstance(v, dict) for v in run.values()):
-            raise EvaluationError(f"{path}: a JSON run maps query ids to {{doc_id: score}}")
-        return {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}
-    run: RunDict = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 6:
-            raise EvaluationError(f"{path}:{number}: a TREC run line has 6 fields "
-                                  "(query Q0 doc rank score tag), this one has {len(fields)}")
-        run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
-    return run
-
-
-def fuse_runs(runs: Sequence[RunDict], method: str = "rrf") -> RunDict:
-    """One run from several (``ranx.fuse``): reciprocal rank fusion by default,
-
-        score(d) = sum_r 1 / (60 + rank_r(d)),
-
-    which needs no score normalisation and no tuned weight, so it cannot be fitted to the
-    data it is measured on. Used for hybrid search: BM25's exact term matches plus the
-    student's vectors.
-    """
-    from ranx import Run as RanxRun
-    from ranx import fuse
-
-    kept = [{q: docs for q, docs in run.items() if docs} for run in runs]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numba's type-safety chatter
-        fused = fuse([RanxRun(run) for run in kept], method=method)
-    return {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
 
 
 def bm25_run(data: BeirData, top_k: int = 100, show_progress: bool = False) -> RunDict:
@@ -136,77 +56,7 @@ def bm25_run(data: BeirData, top_k: int = 100, show_progress: bool = False) -> R
     return {query_id: dict(index.search(text, top_k)) for query_id, text in items}
 
 
-# ---------------------------------------------------------------------------- BEIR data
-@dataclass
-class BeirData:
-    corpus: list[Passage]
-    queries: dict[str, str]
-    qrels: Qrels
-
-
-def read_qrels(path: str | Path) -> Qrels:
-    """BEIR/TREC qrels: ``query-id corpus-id score`` (TAB separated, optional header)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"qrels file {str(path)!r} does not exist: a BEIR data set has "
-                              "qrels/{split}.tsv; check --split")
-    qrels: Qrels = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        fields = line.split("\t") if "\t" in line else line.split()
-        if not fields or not line.strip():
-            continue
-        if len(fields) == 4:  # TREC: query 0 doc score
-            fields = [fields[0], fields[2], fields[3]]
-        if len(fields) != 3:
-            raise EvaluationError(f"{path}:{number} has {len(fields)} fields; a qrels line is "
-                                  "'query-id<TAB>corpus-id<TAB>score'")
-        try:
-            score = int(float(fields[2]))
-        except ValueError:
-            if number == 1:
-                continue  # header
-            raise EvaluationError(f"{path}:{number}: score {fields[2]!r} is not a number"
-                                  ) from None
-        qrels.setdefault(fields[0].strip(), {})[fields[1].strip()] = score
-    return qrels
-
-
-def load_beir(data_dir: str | Path, split: str = "test") -> BeirData:
-    """Corpus, queries of the split, and its judgements from a BEIR folder."""
-    data_dir = Path(data_dir).expanduser()
-    for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
-        if not (data_dir / name).is_file():
-            present = sorted(p.stem for p in (data_dir / "qrels").glob("*.tsv"))
-            hint = f" (qrels present: {present})" if present else ""
-            raise EvaluationError(f"{str(data_dir / name)!r} is missing: --data must be a BEIR "
-                                  f"folder with corpus.jsonl, queries.jsonl and qrels/{split}"
-                                  f".tsv{hint}")
-    qrels = read_qrels(data_dir / "qrels" / f"{split}.tsv")
-    corpus = load_corpus(data_dir / "corpus.jsonl")
-    known = {p.id for p in corpus}
-    unknown = sorted({d for docs in qrels.values() for d in docs if d not in known})
-    if unknown:
-        raise EvaluationError(f"qrels/{split}.tsv names {len(unknown)} documents missing from "
-                              f"corpus.jsonl (e.g. {unknown[:3]}): the files are not one data set")
-    queries: dict[str, str] = {}
-    for number, line in enumerate((data_dir / "queries.jsonl").read_text(
-            encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise EvaluationError(f"{data_dir / 'queries.jsonl'}:{number} is not JSON ({exc})"
-                                  ) from None
-        query_id = str(record.get("_id", record.get("id", "")))
-        if query_id in qrels and str(record.get("text", "")).strip():
-            queries[query_id] = str(record["text"]).strip()
-    if not queries:
-        raise EvaluationError(f"no query of queries.jsonl has judgements in qrels/{split}.tsv")
-    return BeirData(corpus, queries, {q: qrels[q] for q in queries})
-
-
-# ---------------------------------------------------------------------------- search
+# ---------------------------------------------------------------------------- student runs
 def student_encoder(student: D2LLMStudent, batch_size: int = 16, show_progress: bool = False,
                     token_cache: Any = None) -> Encoder:
     """texts, kind -> vectors; through cached backbone states when a frozen-mode cache is given."""
@@ -224,119 +74,6 @@ def student_encoder(student: D2LLMStudent, batch_size: int = 16, show_progress: 
         return torch.cat(output) if output else torch.empty(0, student.dimension)
 
     return encode
-
-
-def exact_search(query_vectors: torch.Tensor, passage_vectors: torch.Tensor,
-                 passage_ids: Sequence[str], query_ids: Sequence[str], top_k: int,
-                 chunk: int = 256) -> RunDict:
-    """Top ``top_k`` passages per query by cosine similarity (exact, chunked over queries)."""
-    passages = torch.nn.functional.normalize(passage_vectors.float(), dim=-1)
-    k = min(top_k, len(passage_ids))
-    run: RunDict = {}
-    for start in range(0, len(query_ids), chunk):
-        queries = torch.nn.functional.normalize(query_vectors[start:start + chunk].float(), dim=-1)
-        scores, index = (queries @ passages.T).topk(k, dim=1)
-        for row, query_id in enumerate(query_ids[start:start + chunk]):
-            run[query_id] = {passage_ids[i]: float(s)
-                             for s, i in zip(scores[row].tolist(), index[row].tolist(),
-                                             strict=True)}
-    return run
-
-
-def qdrant_search(query_vectors: torch.Tensor, passage_vectors: torch.Tensor,
-                  passage_ids: Sequence[str], query_ids: Sequence[str], top_k: int,
-                  location: str = ":memory:") -> RunDict:
-    """The same through a local Qdrant collection (cosine), as a deployment would search."""
-    return qdrant_runs(query_vectors, passage_vectors, passage_ids, query_ids, top_k,
-                       location)["dense"]
-
-
-def _open_local_qdrant(location: str) -> Any:
-    from qdrant_client import QdrantClient
-
-    return (QdrantClient(location=":memory:") if location == ":memory:"
-            else QdrantClient(path=location))
-
-
-def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tensor | None,
-                passage_ids: Sequence[str], query_ids: Sequence[str], top_k: int,
-                location: str = ":memory:", *, passage_texts: Sequence[str] | None = None,
-                query_texts: Sequence[str] | None = None, bm25: Any = None) -> dict[str, RunDict]:
-    """Runs of a local Qdrant collection built as ``D2LLMVectorStore`` builds one.
-
-    With vectors: ``"dense"`` (cosine). With texts too: ``"sparse"`` (BM25 sparse vectors,
-    IDF by Qdrant) and ``"hybrid"`` (both fused by RRF in one ``query_points`` call, the
-    request ``D2LLMRetriever`` sends: ``llama_index_d2llm.sparse.hybrid_query``). Texts
-    without vectors: ``"sparse"`` only.
-    """
-    from qdrant_client import models
-
-    from llama_index_d2llm.sparse import (
-        SPARSE_VECTOR_NAME,
-        BM25Encoder,
-        hybrid_query,
-        sparse_vector_params,
-    )
-
-    dense_name, sparse_name = "text-dense", SPARSE_VECTOR_NAME
-    lexical = passage_texts is not None and query_texts is not None
-    if passage_vectors is None and not lexical:
-        raise EvaluationError("qdrant_runs needs passage vectors, texts, or both")
-    encoder = (bm25 or BM25Encoder()) if lexical else None
-    client = _open_local_qdrant(location)
-    name = "d2llm-evaluation"
-    try:
-        if client.collection_exists(name):
-            client.delete_collection(name)
-        client.create_collection(
-            name, vectors_config={} if passage_vectors is None else {
-                dense_name: models.VectorParams(size=passage_vectors.shape[1],
-                                                distance=models.Distance.COSINE)},
-            sparse_vectors_config={sparse_name: sparse_vector_params()} if lexical else None)
-        for start in range(0, len(passage_ids), 512):
-            stop = min(start + 512, len(passage_ids))
-            vectors: list[dict[str, Any]] = [{} for _ in range(start, stop)]
-            if passage_vectors is not None:
-                for i, vector in enumerate(passage_vectors[start:stop]):
-                    vectors[i][dense_name] = vector.tolist()
-            if encoder is not None:
-                indices, values = encoder.encode_documents(passage_texts[start:stop])
-                for i, (idx, val) in enumerate(zip(indices, values, strict=True)):
-                    vectors[i][sparse_name] = models.SparseVector(indices=idx, values=val)
-            client.upsert(name, points=[
-                models.PointStruct(id=start + i, vector=vector,
-                                   payload={"passage_id": passage_ids[start + i]})
-                for i, vector in enumerate(vectors)])
-        requests: dict[str, list[Any]] = {}
-        if passage_vectors is not None:
-            requests["dense"] = [dict(query=v.tolist(), using=dense_name, limit=top_k)
-                                 for v in query_vectors]
-        if encoder is not None:
-            sparse = [models.SparseVector(indices=i, values=v)
-                      for i, v in zip(*encoder.encode_queries(query_texts), strict=True)]
-            requests["sparse"] = [dict(query=q, using=sparse_name, limit=top_k) for q in sparse]
-            if passage_vectors is not None:
-                requests["hybrid"] = [
-                    hybrid_query(v.tolist(), q, dense_name=dense_name, sparse_name=sparse_name,
-                                 limit=top_k)
-                    for v, q in zip(query_vectors, sparse, strict=True)]
-        runs: dict[str, RunDict] = {}
-        for kind, kind_requests in requests.items():
-            run: RunDict = {}
-            for start in range(0, len(query_ids), 64):
-                # the product's request, without the vectors only the IEM needs
-                batch = [models.QueryRequest(with_payload=True, **{
-                    k: v for k, v in r.items() if k != "with_vectors"})
-                    for r in kind_requests[start:start + 64]]
-                for query_id, response in zip(query_ids[start:start + 64],
-                                              client.query_batch_points(name, batch),
-                                              strict=True):
-                    run[query_id] = {point.payload["passage_id"]: float(point.score)
-                                     for point in response.points}
-            runs[kind] = run
-        return runs
-    finally:
-        client.close()
 
 
 def rerank(student: D2LLMStudent, run: RunDict, query_vectors: dict[str, torch.Tensor],
@@ -503,6 +240,6 @@ def evaluate_pairs(student: D2LLMStudent, pairs: Sequence[SymmetricPair], *,
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomic JSON write (temporary file + rename)."""
-    from llama_index_d2llm.trainer.cache import atomic_write_json
+    from llama_index_d2llm.student.files import atomic_write_json
 
     return atomic_write_json(path, obj)

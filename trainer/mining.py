@@ -12,15 +12,25 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from llama_index_d2llm.trainer.cache import atomic_write_json, content_key, read_json
+from llama_index_d2llm.student.files import atomic_write_json
+from llama_index_d2llm.trainer.cache import content_key, read_json
 from llama_index_d2llm.trainer.corpus import CorpusError, Passage
 from llama_index_d2llm.trainer.queries import Query
+
+if TYPE_CHECKING:
+    from llama_index_d2llm.student import D2LLMStudent
+    from llama_index_d2llm.trainer.checkpoints import TrainerState
+    from llama_index_d2llm.trainer.dataset import TrainingExample
+    from llama_index_d2llm.trainer.encoding import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -190,3 +200,90 @@ def mine_with_vectors(query_vectors: torch.Tensor, passage_vectors: torch.Tensor
         rng = random.Random(f"{seed}:{row}")
         mined.append(rng.sample(pool, count))
     return mined
+
+
+@dataclass
+class StudentNegativeMiner:
+    """``--student-negatives``: each epoch from the second on, negatives from the student.
+
+    The student (as trained so far) embeds the whole corpus and each training query draws its
+    negatives from its own nearest passages (``mine_with_vectors``), never its positives nor
+    the passages it is already scored against. With ``source="hybrid"`` the nearest are taken
+    in the hybrid order (cosine fused with the product's BM25).
+    """
+
+    student: D2LLMStudent
+    encoder: TextEncoder
+    examples: Sequence[TrainingExample]
+    texts: dict[str, str]
+    #: negatives per query (``None`` or 0: none), drawn from the ``depth`` nearest
+    count: int | None
+    depth: int
+    #: "dense" (cosine order) or "hybrid" (cosine fused with BM25)
+    source: str
+    seed: int
+    #: texts encoded per forward
+    chunk: int
+    _lexical: tuple[list[str], list[list[str]]] | None = field(default=None, init=False,
+                                                              repr=False)
+
+    def prepare_epoch(self, state: TrainerState, accelerator: Any) -> None:
+        """Give every example this epoch's negatives (none in the first epoch).
+
+        They are kept in ``state`` (so in the checkpoint): a resumed epoch uses the same ones.
+        The main process mines, the others receive its result.
+        """
+        if not self.count or state.epoch < 1:
+            return
+        if state.mined_epoch != state.epoch or state.mined is None:
+            started = time.perf_counter()
+            mined = self.mine(state.epoch) if accelerator.is_main_process else None
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                mined = broadcast_object_list([mined], from_process=0)[0]
+            seconds = time.perf_counter() - started
+            state.mined, state.mined_epoch = mined, state.epoch
+            state.mining_seconds += seconds
+            logger.info("epoch %d: mined %d negatives per query with the student (%.1f s)",
+                        state.epoch, self.count, seconds)
+        for example in self.examples:
+            example.mined_ids = list(state.mined[example.query_id])
+
+    def mine(self, epoch: int) -> dict[str, list[str]]:
+        """query id -> ``count`` negatives, drawn with a seed of (run seed, ``epoch``)."""
+        from llama_index_d2llm.student.modes import eval_mode
+        from llama_index_d2llm.trainer.encoding import encode_distinct
+
+        by_query: dict[str, tuple[str, set[str]]] = {}
+        for example in self.examples:
+            banned = by_query.setdefault(example.query_id, (example.query, set()))[1]
+            banned |= set(example.relevant_ids) | set(example.candidate_ids)
+        query_ids = sorted(by_query)
+        passage_ids = sorted(self.texts)
+        with eval_mode(self.student), torch.no_grad():
+            queries = encode_distinct(self.encoder, [by_query[q][0] for q in query_ids],
+                                      "query", self.chunk)
+            passages = encode_distinct(self.encoder, [self.texts[p] for p in passage_ids],
+                                       "passage", self.chunk)
+        lexical = None
+        if self.source == "hybrid":
+            lexical = self._lexical_rankings(query_ids, [by_query[q][0] for q in query_ids],
+                                             passage_ids)
+        mined = mine_with_vectors(queries, passages, passage_ids,
+                                  [by_query[q][1] for q in query_ids], count=self.count,
+                                  depth=self.depth, seed=f"{self.seed}:{epoch}", lexical=lexical)
+        return dict(zip(query_ids, mined, strict=True))
+
+    def _lexical_rankings(self, query_ids: list[str], texts: list[str],
+                          passage_ids: list[str]) -> list[list[str]]:
+        """The product's BM25 ranking of the corpus for each training query (once per run)."""
+        from llama_index_d2llm.trainer.dev_ranking import SparseBM25
+
+        cached = self._lexical
+        if cached is None or cached[0] != query_ids:
+            index = SparseBM25([self.texts[pid] for pid in passage_ids])
+            depth = 2 * self.depth
+            ranked = [[passage_ids[i] for i, _ in index.search(text, depth)] for text in texts]
+            self._lexical = cached = (query_ids, ranked)
+        return cached[1]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-Task = Literal["asymmetric", "symmetric"]
+from llama_index_d2llm.student.tasks import Task
+
 SLOTS = ("query", "passage")
 
 # Figure 1 of the paper, English versions.

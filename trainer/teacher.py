@@ -6,8 +6,8 @@ Two ways of reading a relevance judgement out of a causal LM:
   and "no" as the next token give ``z_T = yes - no`` and ``s_T = softmax([yes, no])[yes]``.
   Needs a model that follows instructions.
 - ``query-likelihood``: ``z_T`` = mean log P(query tokens | passage prompt). A base model
-  cannot follow the yes/no instruction (base Gemma 3 270M reranked SciFact worse than BM25
-  with it, nDCG@10 0.20-0.23) but scores query likelihood well (0.697 against BM25's 0.652).
+  cannot follow the yes/no instruction but scores query likelihood well (the README's
+  "Teacher modes"; figures in ``benchmarks/results/``).
 
 ``mode="auto"`` picks ``yesno`` for chat/instruction-tuned models (the tokenizer has a chat
 template) and ``query-likelihood`` otherwise.
@@ -16,13 +16,14 @@ Only the body of the transformer runs over the whole sequence: the LM head proje
 vocabulary (262k tokens for Gemma 3), which would cost more than the transformer. ``yesno``
 takes two rows of the head at one position; query likelihood needs the log-softmax normaliser,
 so it projects onto the vocabulary only at the positions that predict query tokens, in chunks.
-Scores go to a disk cache as they are computed, so an interrupted run resumes and a second
-distillation with the same teacher scores nothing twice.
+Scores go to a disk cache as they are computed (``cache.cached_rows``), so an interrupted run
+resumes and a second distillation with the same teacher scores nothing twice. The settings are
+a ``TeacherConfig`` (``teacher_config.py``); generation for query writing is in
+``generation.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
@@ -42,36 +42,31 @@ from llama_index_d2llm.student.backbone import (
     resolve_device,
     resolve_dtype,
 )
-from llama_index_d2llm.student.errors import D2LLMError
-from llama_index_d2llm.trainer.cache import TensorRowCache, content_key
+from llama_index_d2llm.student.tasks import TASKS
+from llama_index_d2llm.trainer.cache import RowChunks, TensorRowCache, cached_rows, content_key
+from llama_index_d2llm.trainer.generation import generate_continuations
 from llama_index_d2llm.trainer.prompts import (
-    DEFAULT_PROMPT_ORDER,
     PairTemplate,
     query_likelihood_template,
     yesno_template,
 )
+from llama_index_d2llm.trainer.teacher_config import (  # re-exported: users import them here
+    DEFAULT_QL_CENTER,
+    DEFAULT_QL_SCALE,
+    MODES,
+    TeacherConfig,
+    TeacherError,
+)
+
+__all__ = ["DEFAULT_QL_CENTER", "DEFAULT_QL_SCALE", "MODES", "TASKS", "Teacher",
+           "TeacherConfig", "TeacherError", "TeacherScores"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("yesno", "query-likelihood")
-TASKS = ("asymmetric", "symmetric")
 SCORING_VERSION = "teacher-v1"
-# Query likelihood -> probability: s_T = sigmoid((ll - center) / scale), ll the mean log
-# probability per query token. A fixed map, not a per-query softmax: score() is pairwise, so a
-# pair's s_T must not depend on which other passages share the call (and it stays cacheable).
-# The trainer may still renormalise z_T over one query's list. Center and scale from Gemma 3
-# 270M on 12 SciFact dev claims x BM25 top 10: median ll of positives -3.32, of negatives
-# -4.37 (quartiles -4.16/-2.83 and -5.16/-3.25); the center sits between the medians, so a
-# typical positive gets s_T ~0.7 and a typical negative ~0.25.
-DEFAULT_QL_CENTER = -3.8
-DEFAULT_QL_SCALE = 0.5
 _YES_NO_CANDIDATES = ((" yes", " no"), ("yes", "no"), (" Yes", " No"), ("Yes", "No"))
 _CHAT_YES_NO_CANDIDATES = (("Yes", "No"), ("yes", "no"), (" Yes", " No"), (" yes", " no"))
 _VOCAB_CHUNK_ELEMENTS = 1 << 25  # positions x vocabulary per log-softmax chunk (128 MiB fp32)
-
-
-class TeacherError(D2LLMError, ValueError):
-    """The teacher cannot score as asked; the message says what to change."""
 
 
 @dataclass
@@ -95,35 +90,33 @@ class _Encoded:
 
 
 class Teacher:
-    """An LLM cross-encoder. Build with ``from_pretrained``."""
+    """An LLM cross-encoder. Build with ``from_pretrained``.
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, mode: str = "auto",
-                 max_length: int = 512, batch_size: int = 8, cache_dir: Path | None = None,
-                 prompt_order: str = DEFAULT_PROMPT_ORDER, use_chat_template: bool | None = None,
-                 templates: dict[str, str] | None = None, yes_token: str | None = None,
-                 no_token: str | None = None, ql_center: float = DEFAULT_QL_CENTER,
-                 ql_scale: float = DEFAULT_QL_SCALE):
+    Settings: a ``TeacherConfig`` as ``config``, or its fields as keyword arguments (they
+    override ``config``'s).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str,
+                 config: TeacherConfig | None = None, cache_dir: Path | None = None,
+                 **settings: Any):
+        config = (config or TeacherConfig()).updated(**settings)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        mode = config.mode
         if mode == "auto":
             mode = "yesno" if self.has_chat_template else "query-likelihood"
-        if mode not in MODES:
-            raise TeacherError(f"mode must be 'auto', 'yesno' or 'query-likelihood', got {mode!r}")
-        if max_length < 16 or batch_size < 1:
-            raise TeacherError(f"max_length={max_length} and batch_size={batch_size} are too "
-                               "small: use e.g. max_length=512, batch_size=8")
-        if ql_scale <= 0:
-            raise TeacherError(f"ql_scale must be positive, got {ql_scale}")
+        self.config = config
         self.mode = mode
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.prompt_order = prompt_order
-        self.ql_center = ql_center
-        self.ql_scale = ql_scale
+        self.max_length = config.max_length
+        self.batch_size = config.batch_size
+        self.prompt_order = config.prompt_order
+        self.ql_center = config.ql_center
+        self.ql_scale = config.ql_scale
         self.use_chat_template = (mode == "yesno" and self.has_chat_template
-                                  if use_chat_template is None else use_chat_template)
+                                  if config.use_chat_template is None
+                                  else config.use_chat_template)
         self.body = model.get_decoder()
         head = model.get_output_embeddings()
         self._head_weight: torch.Tensor = head.weight
@@ -132,10 +125,10 @@ class Teacher:
         probe = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
         self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
-        self.templates = {task: self._template(task, (templates or {}).get(task))
+        self.templates = {task: self._template(task, (config.templates or {}).get(task))
                           for task in TASKS}
-        self.yes_id, self.no_id = (self._answer_ids(yes_token, no_token) if mode == "yesno"
-                                   else (None, None))
+        self.yes_id, self.no_id = (self._answer_ids(config.yes_token, config.no_token)
+                                   if mode == "yesno" else (None, None))
         self.fingerprint = self._compute_fingerprint()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache = (TensorRowCache(self.cache_dir / "teacher-scores" / self.fingerprint)
@@ -143,19 +136,20 @@ class Teacher:
         self._warned_truncation = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | None = None, *, mode: str = "auto",
+    def from_pretrained(cls, name_or_path: str | None = None, *,
                         device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = "auto", max_length: int = 512,
-                        batch_size: int = 8, cache_dir: Path | None = None,
-                        trust_remote_code: bool = False,
-                        prompt_order: str = DEFAULT_PROMPT_ORDER, **options: Any) -> Teacher:
+                        dtype: str | torch.dtype | None = "auto", cache_dir: Path | None = None,
+                        trust_remote_code: bool = False, config: TeacherConfig | None = None,
+                        **settings: Any) -> Teacher:
         """Load a causal LM (hub id cached locally, or a directory; None: offline Gemma 3 270M).
 
-        ``options``: ``use_chat_template``, ``templates`` ({task: template}), ``yes_token``,
-        ``no_token``, ``ql_center``, ``ql_scale`` (see the class).
+        ``settings``: ``TeacherConfig`` fields (``mode``, ``max_length``, ``batch_size``,
+        ``prompt_order``, ``use_chat_template``, ``templates``, ``yes_token``, ``no_token``,
+        ``ql_center``, ``ql_scale``).
         """
         from transformers import AutoModelForCausalLM
 
+        config = (config or TeacherConfig()).updated(**settings)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         path = name_or_path
@@ -174,9 +168,8 @@ class Teacher:
                 "offline default"
             ) from exc
         model.to(device)
-        return cls(model, tokenizer, name=name_or_path or DEFAULT_BACKBONE_NAME, mode=mode,
-                   max_length=max_length, batch_size=batch_size, cache_dir=cache_dir,
-                   prompt_order=prompt_order, **options)
+        return cls(model, tokenizer, name=name_or_path or DEFAULT_BACKBONE_NAME, config=config,
+                   cache_dir=cache_dir)
 
     # ------------------------------------------------------------------ identity and prompts
     @property
@@ -333,31 +326,18 @@ class Teacher:
                                  "cannot judge an empty text; drop those pairs")
         task = self._check_task(task)
         keys = self.pair_keys(queries, passages, task)
-        unique: dict[str, int] = {}
-        for position, key in enumerate(keys):
-            unique.setdefault(key, position)
-        stored = set() if self._cache is None else {k for k in unique if k in self._cache}
-        todo = [position for key, position in unique.items() if key not in stored]
-        computed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if todo:
+
+        def compute(positions: list[int]) -> RowChunks:
             for chunk_keys, logits, features in self._score_positions(
-                    todo, queries, passages, keys, task, show_progress, cache_every,
+                    positions, queries, passages, keys, task, show_progress, cache_every,
                     cache_seconds):
-                if self._cache is not None:
-                    self._cache.write(chunk_keys, {"logits": logits, "features": features})
-                for row, key in enumerate(chunk_keys):
-                    computed[key] = (logits[row], features[row])
-        logits = torch.empty(len(keys))
-        features = torch.empty(len(keys), self.hidden_size)
-        cached_positions = [i for i, key in enumerate(keys) if key not in computed]
-        if cached_positions:
-            rows = self._cache.load([keys[i] for i in cached_positions])  # type: ignore[union-attr]
-            logits[cached_positions] = rows["logits"].float()
-            features[cached_positions] = rows["features"].float()
-        for position, key in enumerate(keys):
-            if key in computed:
-                logits[position], features[position] = computed[key]
-        return TeacherScores(logits, self.probabilities(logits), features)
+                yield chunk_keys, {"logits": logits, "features": features}
+
+        rows = cached_rows(self._cache, keys, compute)
+        if not keys:
+            rows = {"logits": torch.empty(0), "features": torch.empty(0, self.hidden_size)}
+        logits = rows["logits"].float()
+        return TeacherScores(logits, self.probabilities(logits), rows["features"].float())
 
     def _score_positions(self, positions: list[int], queries: list[str], passages: list[str],
                          keys: list[str], task: str, show_progress: bool, cache_every: int,
@@ -486,52 +466,7 @@ class Teacher:
                 logger.warning("a generation prompt of %d tokens was cut to %d", len(ids), budget)
                 ids = self._bos + ids[len(ids) - budget + len(self._bos):]
             encoded.append(ids)
-        width = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):  # left padding: every prompt ends at the last column
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            mask[row, width - len(ids):] = 1
-        stopping = StoppingCriteriaList([_NewlineStop(self.tokenizer, width)]
-                                        if stop_at_newline else [])
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0
-                        ) if do_sample else dict(do_sample=False, temperature=None, top_p=None,
-                                                 top_k=None)
-        with _seeded(seed, self.device), torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens, pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id, stopping_criteria=stopping,
-                **sampling,
-            )
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True)
-                for row in output.cpu()]
-
-
-class _NewlineStop(StoppingCriteria):
-    """Stops a row once its new text has a newline after some non-space text."""
-
-    def __init__(self, tokenizer: Any, prompt_width: int):
-        self.tokenizer = tokenizer
-        self.prompt_width = prompt_width
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = [
-            "\n" in self.tokenizer.decode(row[self.prompt_width:], skip_special_tokens=True
-                                          ).lstrip()
-            for row in input_ids.cpu()
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed torch for sampling without disturbing the caller's random state."""
-    if seed is None:
-        yield
-        return
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+        return generate_continuations(
+            self.model, self.tokenizer, encoded, max_new_tokens, device=self.device,
+            do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, stop_at_newline=stop_at_newline)

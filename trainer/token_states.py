@@ -37,6 +37,8 @@ import torch
 
 from llama_index_d2llm.student import D2LLMStudent
 from llama_index_d2llm.student.backbone import decoder_layers, layer_slice
+from llama_index_d2llm.student.files import atomic_write_bytes
+from llama_index_d2llm.student.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +137,8 @@ class TokenStateCache:
             progress = tqdm(total=len(order), desc=f"caching backbone states ({kind}s)",
                             unit="text")
         pending: dict[str, torch.Tensor] = {}
-        was_training = student.backbone.training
-        student.backbone.eval()
         try:
-            with torch.inference_mode():
+            with eval_mode(student.backbone), torch.inference_mode():
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start:start + self.batch_size]
                     batch = student.tokenize(chunk, kind)
@@ -158,23 +158,16 @@ class TokenStateCache:
             if pending:
                 self._write(pending)
         finally:
-            student.backbone.train(was_training)
             if progress is not None:
                 progress.close()
         return len(missing)
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors import safe_open
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}.safetensors"
-        temp = self.directory / f".{name}.tmp"
-        try:
-            save_file(tensors, str(temp), metadata={"format": FORMAT})
-            os.replace(temp, self.directory / name)
-        finally:
-            temp.unlink(missing_ok=True)
+        atomic_write_bytes(self.directory / name, save(tensors, metadata={"format": FORMAT}))
         handle = safe_open(str(self.directory / name), framework="pt")
         self._handles[name] = handle
         for key in tensors:

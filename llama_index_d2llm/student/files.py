@@ -1,4 +1,10 @@
-"""Folders the package writes: staged beside their target, swapped in whole, never over a user's.
+"""Files and folders the package writes: staged beside their target, swapped in whole, never
+over a user's.
+
+A file is written to a temporary name in its final directory and renamed into place
+(``atomic_write_bytes``; ``os.replace`` is atomic on one file system); a folder is filled
+beside its target and renamed into place (``staged_directory``). An interrupted write leaves
+the old version or the new one, never half of one.
 
 Two rules keep a user's files safe. A folder is replaced only when the package made it (a
 student directory has its ``d2llm_config.json``; other folders carry a marker file) and holds
@@ -9,11 +15,15 @@ student can be shared with the users of a deployment.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from llama_index_d2llm.student.errors import UnsafeDirectoryError
 
@@ -83,3 +93,44 @@ def replace_directory(source: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(source, target)
+
+
+@contextmanager
+def staged_directory(target: Path, prefix: str | None = None) -> Iterator[Path]:
+    """A new folder beside ``target`` to fill: when the block succeeds it replaces ``target``
+    whole (``replace_directory``), and it is deleted in any case, so a failure or a crash
+    leaves ``target`` as it was."""
+    work = make_staging_dir(target.parent, prefix or f".{target.name}.tmp-")
+    try:
+        yield work
+        replace_directory(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(handle, default_mode())  # mkstemp's 0600 would stay on the renamed file
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
+    """``obj`` as JSON (``json.dumps`` options in ``dumps``; default: UTF-8, indent 1)."""
+    options = {"ensure_ascii": False, "indent": 1, **dumps}
+    return atomic_write_text(path, json.dumps(obj, **options) + "\n")

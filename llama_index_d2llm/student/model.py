@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +43,8 @@ from llama_index_d2llm.student.config import (
 from llama_index_d2llm.student.errors import CheckpointError, UnsafeDirectoryError
 from llama_index_d2llm.student.files import (
     apply_default_modes,
-    make_staging_dir,
     refuse_foreign,
-    replace_directory,
+    staged_directory,
 )
 from llama_index_d2llm.student.fusion import (
     FusionWeights,
@@ -55,12 +53,13 @@ from llama_index_d2llm.student.fusion import (
     fuse,
 )
 from llama_index_d2llm.student.iem import InteractionEmulation
+from llama_index_d2llm.student.modes import eval_mode
 from llama_index_d2llm.student.pma import PMAPooling
+from llama_index_d2llm.student.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 TextKind = Literal["query", "passage"]
-Task = Literal["asymmetric", "symmetric"]
 VectorsLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[float]
 
 #: What a student directory holds; anything else in one is a user's, and never dropped.
@@ -178,7 +177,7 @@ class D2LLMStudent(nn.Module):
             extra={FINGERPRINT_VERSION_KEY: 2},
         )
         if lora is not None:
-            body = _wrap_lora(body, lora)
+            body = wrap_lora(body, lora)
         return cls(config, body, tokenizer, device, dtype)
 
     @classmethod
@@ -394,16 +393,11 @@ class D2LLMStudent(nn.Module):
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc=f"encoding {kind}s", unit="batch")
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                for start in batches:
-                    index = order[start:start + batch_size]
-                    batch = self.tokenize([texts[i] for i in index], kind)
-                    output[index] = self.embed(batch).float().cpu()
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.inference_mode():
+            for start in batches:
+                index = order[start:start + batch_size]
+                batch = self.tokenize([texts[i] for i in index], kind)
+                output[index] = self.embed(batch).float().cpu()
         return output
 
     # ------------------------------------------------------------------ scoring
@@ -472,8 +466,7 @@ class D2LLMStudent(nn.Module):
             )
         directory = Path(directory).expanduser().resolve()
         check_student_target(directory, STUDENT_FILES)
-        work = make_staging_dir(directory.parent, f".{directory.name}.tmp-")
-        try:
+        with staged_directory(directory) as work:
             config = copy.deepcopy(self.config)
             heads = {k: v.detach().float().cpu().contiguous()
                      for k, v in self.heads_module().state_dict().items()}
@@ -498,9 +491,6 @@ class D2LLMStudent(nn.Module):
             config.to_json_file(work / CONFIG_NAME)
             apply_default_modes(work)
             check_student_target(directory, STUDENT_FILES)  # again: it may have changed since
-            replace_directory(work, directory)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         if not merged:
             self.config.fingerprint = config.fingerprint
         return directory
@@ -516,7 +506,8 @@ def _is_peft(module: nn.Module) -> bool:
     return hasattr(module, "peft_config")
 
 
-def _wrap_lora(body: nn.Module, lora: LoraSettings) -> nn.Module:
+def wrap_lora(body: nn.Module, lora: LoraSettings) -> nn.Module:
+    """``body`` with a trainable peft LoRA adapter on the blocks ``lora`` names."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules

@@ -18,27 +18,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from llama_index_d2llm.student.settings import from_known_keys
 from llama_index_d2llm.trainer.losses.contrastive_imitation import contrastive_imitation_loss
 from llama_index_d2llm.trainer.losses.feature_imitation import feature_imitation_loss
 from llama_index_d2llm.trainer.losses.in_batch import in_batch_loss
 from llama_index_d2llm.trainer.losses.pairwise_rank import pairwise_rank_loss
 from llama_index_d2llm.trainer.losses.rank_imitation import rank_imitation_loss
 from llama_index_d2llm.trainer.losses.vector_contrastive import vector_contrastive_loss
+from llama_index_d2llm.trainer.options import setting
 
 
 @dataclass
 class LossWeights:
     """Weights and temperatures of the distillation losses (JSON round trip via ``asdict``)."""
 
-    in_batch: float = 1.0
-    contrastive_imitation: float = 1.0
-    rank_imitation: float = 1.0
-    pairwise_rank: float = 0.01
-    feature_imitation: float = 0.001
-    vector: float = 1.0
-    temperature_in_batch: float = 1.0
-    temperature_contrastive: float = 1.0
-    temperature_vector: float = 0.05
+    in_batch: float = setting(1.0, flag="--in-batch-weight", help=(
+        "In-batch InfoNCE on IEM logits."))
+    contrastive_imitation: float = setting(1.0, flag="--ci-weight", help=(
+        "Contrastive imitation: InfoNCE over [positive, hard negatives] weighted by the "
+        "teacher."))
+    rank_imitation: float = setting(1.0, flag="--pearson-weight", help=(
+        "Rank imitation: 1 - Pearson(teacher, student) over [positive, hard negatives]."))
+    pairwise_rank: float = setting(0.01, flag="--pairwise-weight", help=(
+        "Rank imitation hard vs easy negatives (weighted BPR)."))
+    feature_imitation: float = setting(0.001, flag="--feature-weight", help=(
+        "Feature imitation: teacher vs student cosine matrices."))
+    vector: float = setting(1.0, flag="--vector-loss-weight", help=(
+        "Teacher-weighted contrastive loss on the vectors' cosine, for first-stage vector "
+        "search (0 disables it)."))
+    temperature_in_batch: float = setting(1.0, help="Temperature of the in-batch loss.")
+    temperature_contrastive: float = setting(1.0, flag="--temperature-ci", help=(
+        "Temperature of contrastive imitation."))
+    temperature_vector: float = setting(0.05, help="Temperature of the vector loss.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -53,11 +64,8 @@ class LossWeights:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossWeights:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown loss settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_keys(cls, data, lambda unknown, known: ValueError(
+            f"unknown loss settings {unknown}; known: {known}"))
 
     @property
     def needs_teacher_features(self) -> bool:

@@ -1,0 +1,24 @@
+"""Settings dataclasses read back from JSON: unknown keys are refused, by name.
+
+A key the dataclass does not have is a typo or a file written by another version; dropping it
+silently would run with a default the user did not choose. The student's config, the
+distillation config, the loss weights and the teacher's config all read their JSON this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_known_keys(cls: type[T], data: Mapping[str, Any],
+                    error: Callable[[list[str], list[str]], Exception]) -> T:
+    """``cls(**data)``, or ``error(unknown keys, known keys)`` raised (both sorted)."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(unknown, sorted(known))
+    return cls(**data)
