@@ -73,9 +73,13 @@ class OverlapTeacher:
                                features=torch.stack(features))
 
     batch_size = 8
+    max_length = 512
 
     def truncate(self, text: str, max_tokens: int) -> str:
         return text
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
 
     def generate(self, prompts, max_new_tokens=32, **kwargs):
         """A "query" of the first two content words of the prompt's last passage."""

@@ -200,3 +200,32 @@ def test_several_queries_per_passage_and_dedupe(tiny_teacher, monkeypatch):
     queries = generate_queries(passages, tiny_teacher, per_passage=2, show_progress=False)
     assert [(q.text, q.positives) for q in queries] == [("What is a cell?", ["a", "b"]),
                                                         ("Other?", ["b"])]
+
+
+def test_generation_prompts_keep_their_few_shot_examples_whole(tiny_backbone, tmp_path):
+    """A teacher whose scoring length is shorter than examples + passage: the passage is
+    shortened, never the examples (cut, the 270M model copied the one example left)."""
+    from llama_index_d2llm.trainer.prompts import GENERATION_EXAMPLES
+    from llama_index_d2llm.trainer.teacher import Teacher
+
+    teacher = Teacher.from_pretrained(tiny_backbone, dtype="float32", max_length=64,
+                                      batch_size=2)
+    seen = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(teacher, name)
+
+        def generate(self, prompts, **kwargs):
+            for prompt in prompts:
+                budget = kwargs["max_prompt_tokens"]
+                seen.append((prompt, budget))
+            return teacher.generate(prompts, **kwargs)
+
+    long_text = "The cell divides and the gene is expressed in the nucleus. " * 40
+    generate_queries([Passage("p0", long_text)], Recording(), max_passage_tokens=48,
+                     show_progress=False)
+    (prompt, budget), = seen
+    assert all(query in prompt for _, query in GENERATION_EXAMPLES)
+    assert teacher.count_tokens(prompt) + 1 <= budget  # + BOS: nothing is cut
+    assert budget > teacher.max_length

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-GENERATION_VERSION = "generate-queries-v1"
+GENERATION_VERSION = "generate-queries-v2"  # v1 could cut the few-shot examples off
 #: Moved to ``pairs.py``; still importable from here.
 _PAIR_NAMES = frozenset({"NLI_LABEL_SCORES", "STS_MAX_SCORE", "SymmetricPair", "load_pairs"})
 
@@ -185,6 +185,11 @@ def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: 
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="generating queries", unit="batch")
+    # Room for the whole few-shot prefix and a passage of max_passage_tokens: a prompt cut to
+    # the teacher's scoring length lost its examples, and the 270M model then wrote the one
+    # example left for every passage (265 of 300 SciFact passages got no usable query).
+    frame = teacher.count_tokens(prefix + GENERATION_PASSAGE_PREFIX + GENERATION_QUERY_PREFIX)
+    prompt_tokens = frame + max_passage_tokens + 4
     for start in batches:
         batch = todo[start:start + size]
         prompts = [prefix + GENERATION_PASSAGE_PREFIX
@@ -193,7 +198,9 @@ def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: 
         raw: list[list[str]] = [[] for _ in batch]
         for k in range(per_passage):
             outputs = teacher.generate(prompts, max_new_tokens=max_new_tokens, do_sample=k > 0,
-                                       seed=seed + 1000 * k + start)
+                                       seed=seed + 1000 * k + start,
+                                       max_prompt_tokens=max(prompt_tokens,
+                                                             teacher.max_length - max_new_tokens))
             for row, output in enumerate(outputs):
                 raw[row].append(output)
         for passage, outputs in zip(batch, raw, strict=True):

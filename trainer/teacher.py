@@ -284,6 +284,10 @@ class Teacher:
             ids.extend(piece)
         return _Encoded(ids, start, end, truncated)
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in a prompt (no special tokens)."""
+        return len(self._encode_text(text))
+
     def truncate(self, text: str, max_tokens: int) -> str:
         """``text`` cut to its first ``max_tokens`` tokens (for prompts built outside)."""
         ids = self._encode_text(text)
@@ -450,22 +454,29 @@ class Teacher:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 0.8, top_p: float = 0.95,
-                 seed: int | None = None, stop_at_newline: bool = True) -> list[str]:
+                 seed: int | None = None, stop_at_newline: bool = True,
+                 max_prompt_tokens: int | None = None) -> list[str]:
         """Continuations of ``prompts`` (new text only), one batch, greedy unless sampling.
 
-        Generation stops at the first newline after some text (one line is one query).
+        Generation stops at the first newline after some text (one line is one query). A
+        prompt longer than ``max_prompt_tokens`` (default: the teacher's max length less the
+        new tokens) keeps its end, which is what the continuation follows; callers that build
+        few-shot prompts shorten their passage instead, so that the examples stay whole.
         """
         prompts = list(prompts)
         if not prompts:
             return []
-        budget = self.max_length - max_new_tokens
-        encoded = []
+        budget = max_prompt_tokens or self.max_length - max_new_tokens
+        encoded, cut = [], []
         for prompt in prompts:
             ids = self._bos + self._encode_text(prompt)
-            if len(ids) > budget:  # keep the end: that is what the continuation follows
-                logger.warning("a generation prompt of %d tokens was cut to %d", len(ids), budget)
+            if len(ids) > budget:
+                cut.append(len(ids))
                 ids = self._bos + ids[len(ids) - budget + len(self._bos):]
             encoded.append(ids)
+        if cut:
+            logger.warning("%d of %d generation prompts (up to %d tokens) were cut to their "
+                           "last %d tokens", len(cut), len(prompts), max(cut), budget)
         return generate_continuations(
             self.model, self.tokenizer, encoded, max_new_tokens, device=self.device,
             do_sample=do_sample,
