@@ -17,6 +17,7 @@ import pytest
 
 from examples.chatbot.answer import (
     ExtractiveAnswerer,
+    ExtractiveChatEngine,
     is_base_model,
     mode_label,
     needs_llm,
@@ -332,3 +333,39 @@ def test_extractive_answer_quotes_dedups_and_names_sources(tiny_student_dir):
         "The retrieved passages hold no sentence to quote; see the sources below."]
     with pytest.raises(ValueError, match="scorer must be one of"):
         ExtractiveAnswerer(embed, scorer="bm25")
+
+
+def test_a_follow_up_answer_never_quotes_again_what_the_conversation_quoted(tiny_student_dir):
+    """The follow-up retrieves with the first question in its query, so the same units rank
+    high again; the engine quotes only new ones, and says so when none is left."""
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from llama_index_d2llm import D2LLMEmbedding
+
+    text = (SAMPLE / "csv.md").read_text()
+
+    node = TextNode(id_="csv-1", text=text[:3000], metadata={"file_name": "csv.md"})
+
+    class FixedRetriever:  # the same passages for every query
+        def retrieve(self, query):
+            return [NodeWithScore(node=node, score=1.0)]
+
+    answerer = ExtractiveAnswerer(D2LLMEmbedding(model_name=tiny_student_dir), sentences=3)
+    engine = ExtractiveChatEngine(FixedRetriever(), answerer)
+
+    def ask(question: str) -> str:
+        return "".join(engine.stream_chat(question).response_gen)
+
+    def quoted_lines(answer: str) -> set[str]:
+        return {line for line in answer.splitlines() if line and not line.startswith("  [")}
+
+    first = ask("How do I parse a CSV file?")
+    second = ask("And how do I write one?")
+    assert quoted_lines(first) and quoted_lines(second)
+    assert not quoted_lines(first) & quoted_lines(second)
+    for _ in range(20):  # until the passage has nothing new left
+        last = ask("And how do I write one?")
+    assert last == ("The retrieved passages hold nothing beyond what was quoted above; see the "
+                    "sources below.")
+    engine.reset()  # a new conversation may quote them again
+    assert ask("How do I parse a CSV file?") == first

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import textwrap
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -243,9 +243,25 @@ class ExtractiveAnswerer:
 
     def answer(self, query: str, sources: Sequence[Source]) -> list[str]:
         """The answer as paragraphs: a section's chosen units, then its file and heading."""
-        chosen = self.rank(query, sources)[: self.sentences]
+        return self.quote(query, sources)[0]
+
+    def quote(self, query: str, sources: Sequence[Source],
+              already_quoted: Collection[str] = ()) -> tuple[list[str], list[str]]:
+        """The answer's paragraphs and the keys of the units they quote.
+
+        Units whose key is in ``already_quoted`` (the keys earlier answers of the conversation
+        quoted) are left out: a follow-up retrieves with the earlier question in its query,
+        so the units that answered it rank high again, and quoting them twice tells the
+        reader nothing new.
+        """
+        ranked = self.rank(query, sources)
+        chosen = [u for u in ranked if _normal(u.text) not in already_quoted][: self.sentences]
         if not chosen:
-            return ["The retrieved passages hold no sentence to quote; see the sources below."]
+            if ranked:
+                return ["The retrieved passages hold nothing beyond what was quoted above; "
+                        "see the sources below."], []
+            return ["The retrieved passages hold no sentence to quote; see the sources "
+                    "below."], []
         groups: dict[tuple[int, str], list[Candidate]] = {}
         for unit in chosen:  # best first: the first group is the best section
             groups.setdefault((unit.passage, unit.heading), []).append(unit)
@@ -255,7 +271,7 @@ class ExtractiveAnswerer:
             body = "\n".join(u.text for u in units)
             where = f"{units[0].source} · {heading}" if heading else units[0].source
             paragraphs.append(f"{body}\n  [{where}]")
-        return paragraphs
+        return paragraphs, [_normal(u.text) for u in chosen]
 
 
 # ============================================================================ engines
@@ -281,6 +297,7 @@ class ExtractiveChatEngine:
         self.answerer = answerer
         self.condense = condense or history_condenser()
         self._history: list[ChatMessage] = []
+        self._quoted: set[str] = set()  # units quoted earlier in this conversation
         self._lock = threading.Lock()
 
     def stream_chat(self, message: str) -> ExtractiveResponse:
@@ -293,7 +310,11 @@ class ExtractiveChatEngine:
         sources = sources_from_nodes(nodes)
 
         def tokens() -> Iterator[str]:
-            paragraphs = self.answerer.answer(query, sources)
+            with self._lock:
+                quoted = set(self._quoted)
+            paragraphs, keys = self.answerer.quote(query, sources, quoted)
+            with self._lock:
+                self._quoted.update(keys)
             text = ""
             for i, paragraph in enumerate(paragraphs):
                 piece = ("\n\n" if i else "") + paragraph
@@ -307,6 +328,7 @@ class ExtractiveChatEngine:
     def reset(self) -> None:
         with self._lock:
             self._history.clear()
+            self._quoted.clear()
 
     @property
     def chat_history(self) -> list[ChatMessage]:
