@@ -172,13 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             rebuild=distilled,  # the quickstart's own index: a new student re-embeds it
             max_new_tokens=args.max_new_tokens or (48 if args.quick else 96))
         chatbot, report = build_chatbot(options)
-        try:
+        with chatbot:
             print(f"      {report.summary()}")
             questions = args.questions or list(QUESTIONS[:1] if args.quick else QUESTIONS)
             print(f"[3/3] asking {len(questions)} question(s) (answers: {chatbot.mode_label})")
             ask_all(chatbot, questions)
-        finally:
-            chatbot.documents.client.close()
         print("\nNext: chat with your own documents: python -m examples.chatbot terminal "
               f"--docs DIR --student {student_dir}")
         return 0

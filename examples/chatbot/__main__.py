@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 
-from examples.chatbot import terminal, web
+from examples.chatbot import terminal
 from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
 from examples.chatbot.core import open_index
 
 COMMANDS = ("ingest", "terminal", "web")
+
+
+def _web() -> ModuleType:
+    """The web front end, imported only when asked for: it needs the examples extra."""
+    from examples.chatbot import web
+
+    return web
 
 
 def build_ingest_parser() -> argparse.ArgumentParser:
@@ -27,7 +35,7 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     """The argument parser of a subcommand (the tests check the READMEs against them)."""
     if command == "ingest":
         return build_ingest_parser()
-    return terminal.build_parser() if command == "terminal" else web.build_parser()
+    return terminal.build_parser() if command == "terminal" else _web().build_parser()
 
 
 def ingest(argv: list[str]) -> int:
@@ -35,12 +43,10 @@ def ingest(argv: list[str]) -> int:
 
     def run() -> int:
         index, report = open_index(options_from_args(args))
-        try:
+        with index:
             print(f"{index.location.describe()}: {report.summary()}")
             for relative, why in report.skipped:
                 print(f"  skipped {relative}: {why}")
-        finally:
-            index.client.close()
         return 0
 
     return run_safely(run)
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "ingest":
         return ingest(rest)
-    return terminal.main(rest) if command == "terminal" else web.main(rest)
+    return terminal.main(rest) if command == "terminal" else _web().main(rest)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from examples.chatbot.condense import history_condenser, llm_condenser
 from examples.chatbot.repetition import guard_stream
 
 if TYPE_CHECKING:  # pragma: no cover
-    from examples.chatbot.core import Chatbot, Source
+    from examples.chatbot.chat import Chatbot, Source
     from llama_index_d2llm import D2LLMEmbedding
 
 ANSWER_MODES = ("auto", "extractive", "generate")
@@ -56,7 +56,7 @@ def is_base_model(llm: Any, spec: str = "hf") -> bool:
 def resolve_modes(answer: str, condense: str, llm: Any, spec: str = "hf") -> tuple[str, str]:
     """``auto`` -> extractive answers and history condensing for a base model, else the LLM."""
     from examples.chatbot.condense import CONDENSE_MODES
-    from examples.chatbot.core import ChatbotError
+    from examples.chatbot.errors import ChatbotError
 
     if answer not in ANSWER_MODES or condense not in CONDENSE_MODES:
         raise ChatbotError(f"--answer must be one of {', '.join(ANSWER_MODES)} and --condense "
@@ -301,7 +301,7 @@ class ExtractiveChatEngine:
         self._lock = threading.Lock()
 
     def stream_chat(self, message: str) -> ExtractiveResponse:
-        from examples.chatbot.core import sources_from_nodes
+        from examples.chatbot.chat import sources_from_nodes
 
         query = self.condense(self.chat_history, message)
         nodes = self.retriever.retrieve(query)

@@ -96,15 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         chatbot, report = build_chatbot(options_from_args(args))
-        try:
+        with chatbot:
             print(f"{chatbot.documents.location.describe()}: {report.summary()}")
             for relative, why in report.skipped:
                 print(f"  skipped {relative}: {why}")
             print(f"student: {chatbot.documents.embed.student.name}")
             print(f"answers: {chatbot.mode_label}: {mode_help(chatbot)}")
             chat_loop(chatbot, show_sources=not args.no_sources)
-        finally:
-            chatbot.documents.client.close()
         return 0
 
     return run_safely(run)

@@ -2,12 +2,14 @@
 
     python -m examples.chatbot.web --docs DIR --student DIR [--port 8000]
 
-Standard library only (``http.server``): one page, and two JSON endpoints. ``POST /api/chat``
-answers as server-sent events (``mode``: who writes the answer, extractive or which LLM; then
+A Starlette app served by uvicorn: one page, and JSON endpoints. ``POST /api/chat`` answers as
+server-sent events (``mode``: who writes the answer, extractive or which LLM; then
 ``sources``, then ``token`` events as the answer is written, then ``done``, or ``error``);
-``POST /api/reset`` forgets a conversation. A request that is not a JSON object of at most
-64 KiB with a valid ``Content-Length`` gets a 4xx JSON error and the connection is closed.
-Each browser tab is its own conversation (a random id the page sends along). One question is
+``POST /api/reset`` forgets a conversation; ``GET /api/info`` describes the index. HTTP framing
+(Content-Length, keep-alive, chunked streaming) is uvicorn's; this module adds what a chat
+over private documents needs: only loopback Host names (a DNS-rebinding guard), JSON bodies of
+at most 64 KiB read within a time limit, else a 4xx JSON error and the connection closed. Each
+browser tab is its own conversation (a random id the page sends along). One question is
 answered at a time: the models are not made for concurrent use, and on a CPU they would only
 slow each other.
 """
@@ -15,13 +17,14 @@ slow each other.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import socket
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import asdict
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,27 @@ from examples.chatbot.answer import mode_help
 from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
 from examples.chatbot.core import Chatbot, ChatbotError, Conversation, build_chatbot
 
+try:
+    from sse_starlette import EventSourceResponse, ServerSentEvent
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - the examples extra is not installed
+    raise ImportError(f"the web chat needs {exc.name}: pip install -e '.[examples]' (or "
+                      "'.[dev]') from the repository root") from exc
+
 HOST = "127.0.0.1"  # never another interface: the chatbot reads private documents
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_CONVERSATIONS = 32
 MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 30
+NO_STORE = {"Cache-Control": "no-store"}
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                   Awaitable[None]]
 
 
 class ChatService:
@@ -44,7 +63,7 @@ class ChatService:
         self.max_conversations = max_conversations
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._table_lock = threading.Lock()
-        self.answer_lock = threading.Lock()
+        self.answer_lock = asyncio.Lock()
 
     def conversation(self, conversation_id: str) -> Conversation:
         with self._table_lock:
@@ -68,169 +87,170 @@ class ChatService:
                 "top_k": self.chatbot.similarity_top_k, "top_n": self.chatbot.top_n,
                 "mode": self.chatbot.mode_label, "mode_help": mode_help(self.chatbot)}
 
-
-def make_handler(service: ChatService, port_holder: dict[str, int]) -> type:
-    """A request handler class bound to ``service``."""
-
-    class ChatHandler(BaseHTTPRequestHandler):
-        server_version = "D2LLMChat/0.1"
-        protocol_version = "HTTP/1.1"
-        timeout = BODY_TIMEOUT_S  # a body shorter than its Content-Length must not hang a thread
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
-            pass  # quiet: the terminal shows the server's own messages only
-
-        # -------------------------------------------------------------- helpers
-        def _host_allowed(self) -> bool:
-            """Refuse other Host names (DNS rebinding): only this machine's loopback names."""
-            host = (self.headers.get("Host") or "").strip().lower()
-            port = port_holder["port"]
-            return host in {f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"}
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, data: Any) -> None:
-            self._send(status, json.dumps(data).encode(), "application/json")
-
-        def _refuse(self, status: int, error: str) -> None:
-            """A JSON error, then close: an unread body must not be parsed as a request."""
-            self.close_connection = True
-            self._json(status, {"error": error})
-
-        def _read_json(self) -> dict[str, Any] | None:
-            if "application/json" not in (self.headers.get("Content-Type") or ""):
-                self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                             "send the request as application/json")
-                return None
-            if self.headers.get("Transfer-Encoding"):
-                self._refuse(HTTPStatus.LENGTH_REQUIRED,
-                             "send the body with a Content-Length, not chunked")
-                return None
-            declared = (self.headers.get("Content-Length") or "0").strip()
-            if not (declared.isascii() and declared.isdigit()):  # "abc", "-5", "1e3", "²"
-                self._refuse(HTTPStatus.BAD_REQUEST, f"Content-Length {declared[:40]!r} is not "
-                             "a byte count: send the length of the body in bytes")
-                return None
-            length = int(declared)
-            if length > MAX_BODY_BYTES:
-                self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                             f"message too long (at most {MAX_BODY_BYTES} bytes)")
-                return None
+    async def answer(self, conversation_id: str, message: str) -> AsyncIterator[ServerSentEvent]:
+        """The reply as events; the models run in a worker thread, one answer at a time."""
+        async with self.answer_lock:
             try:
-                body = self.rfile.read(length)
-            except TimeoutError:
-                self._refuse(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
-                             f"{BODY_TIMEOUT_S} s: send as many bytes as Content-Length says")
-                return None
-            if len(body) < length:
-                self._refuse(HTTPStatus.BAD_REQUEST, "the body is shorter than its "
-                             "Content-Length")
-                return None
-            try:
-                data = json.loads(body or b"{}")
-            except ValueError:  # not JSON, or not UTF-8
-                data = None
-            if not isinstance(data, dict):
-                self._refuse(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-                return None
-            return data
+                conversation = self.conversation(conversation_id)
+                reply = await asyncio.to_thread(conversation.ask, message)
+                yield _event("mode", reply.mode)
+                yield _event("sources", [asdict(s) for s in reply.sources])
+                tokens = iter(reply)
+                while (token := await asyncio.to_thread(next, tokens, None)) is not None:
+                    yield _event("token", token)
+                yield _event("done", {"answer": reply.text})
+            except ChatbotError as exc:
+                yield _event("error", str(exc))
+            except Exception as exc:  # the page shows it; the server stays up
+                yield _event("error", f"{type(exc).__name__}: {exc}")
 
-        def _event(self, name: str, data: Any) -> None:
-            chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-            self.wfile.flush()
 
-        # -------------------------------------------------------------- routes
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if not self._host_allowed():
-                return self._json(HTTPStatus.FORBIDDEN, {"error": "unknown host"})
-            if self.path in ("/", "/index.html"):
-                return self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
-            if self.path == "/api/info":
-                return self._json(HTTPStatus.OK, service.info())
-            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
+def _event(name: str, data: Any) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps(data), event=name, sep="\n")
 
-        def do_POST(self) -> None:  # noqa: N802
-            if not self._host_allowed():
-                return self._json(HTTPStatus.FORBIDDEN, {"error": "unknown host"})
-            data = self._read_json()
-            if data is None:
-                return None
-            conversation_id = str(data.get("conversation") or "")
-            if not conversation_id or len(conversation_id) > 100:
-                return self._json(HTTPStatus.BAD_REQUEST,
-                                  {"error": "send a conversation id (any short string)"})
-            if self.path == "/api/reset":
-                service.reset(conversation_id)
-                return self._json(HTTPStatus.OK, {"ok": True})
-            if self.path == "/api/chat":
-                return self._chat(conversation_id, str(data.get("message") or ""))
-            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
 
-        def _chat(self, conversation_id: str, message: str) -> None:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            try:
-                with service.answer_lock:
-                    try:
-                        reply = service.conversation(conversation_id).ask(message)
-                        self._event("mode", reply.mode)
-                        self._event("sources", [asdict(s) for s in reply.sources])
-                        for token in reply:
-                            self._event("token", token)
-                        self._event("done", {"answer": reply.text})
-                    except ChatbotError as exc:
-                        self._event("error", str(exc))
-                    except (BrokenPipeError, ConnectionResetError):
-                        raise
-                    except Exception as exc:  # the page shows it; the server stays up
-                        self._event("error", f"{type(exc).__name__}: {exc}")
-                self.wfile.write(b"0\r\n\r\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the tab was closed mid-answer
+# ---------------------------------------------------------------------------- requests
+def refuse(status: int, error: str) -> JSONResponse:
+    """A JSON error, then close: an unread body must not be parsed as the next request."""
+    return JSONResponse({"error": error}, status, headers={**NO_STORE, "Connection": "close"})
 
-    return ChatHandler
+
+def loopback_only(app: ASGIApp, port: Callable[[], int]) -> ASGIApp:
+    """Refuse other Host names (DNS rebinding): only this machine's loopback names."""
+
+    async def guarded(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+            allowed = {f"127.0.0.1:{port()}", f"localhost:{port()}", "127.0.0.1", "localhost"}
+            if host not in allowed:
+                await refuse(403, "unknown host")(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+async def read_json(request: Request) -> dict[str, Any] | JSONResponse:
+    """The body as a JSON object, or the 4xx response that says what is wrong with it."""
+    if "application/json" not in request.headers.get("content-type", ""):
+        return refuse(415, "send the request as application/json")
+    if request.headers.get("transfer-encoding"):
+        return refuse(411, "send the body with a Content-Length, not chunked")
+    # uvicorn has refused a Content-Length that is not a byte count with a 400 already.
+    if int(request.headers.get("content-length", "0")) > MAX_BODY_BYTES:
+        return refuse(413, f"message too long (at most {MAX_BODY_BYTES} bytes)")
+    try:
+        body = await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return refuse(408, f"the body did not arrive within {BODY_TIMEOUT_S} s: send as many "
+                      "bytes as Content-Length says")
+    except ClientDisconnect:
+        return refuse(400, "the body is shorter than its Content-Length")
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:  # not JSON, or not UTF-8
+        data = None
+    if not isinstance(data, dict):
+        return refuse(400, "the body must be a JSON object")
+    return data
+
+
+async def conversation_request(request: Request) -> tuple[str, dict[str, Any]] | JSONResponse:
+    data = await read_json(request)
+    if isinstance(data, Response):
+        return data
+    conversation_id = str(data.get("conversation") or "")
+    if not conversation_id or len(conversation_id) > 100:
+        return refuse(400, "send a conversation id (any short string)")
+    return conversation_id, data
+
+
+# ---------------------------------------------------------------------------- app
+def make_app(service: ChatService, port: Callable[[], int]) -> ASGIApp:
+    """The chat's ASGI app around ``service``; ``port()`` is the served port (Host check)."""
+
+    async def page(request: Request) -> Response:
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8", headers=NO_STORE)
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(await asyncio.to_thread(service.info), headers=NO_STORE)
+
+    async def chat(request: Request) -> Response:
+        parsed = await conversation_request(request)
+        if isinstance(parsed, Response):
+            return parsed
+        conversation_id, data = parsed
+        return EventSourceResponse(service.answer(conversation_id, str(data.get("message") or "")),
+                                   headers=NO_STORE, sep="\n")
+
+    async def reset(request: Request) -> Response:
+        parsed = await conversation_request(request)
+        if isinstance(parsed, Response):
+            return parsed
+        service.reset(parsed[0])
+        return JSONResponse({"ok": True}, headers=NO_STORE)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        return JSONResponse({"error": f"no page {request.url.path}"}, exc.status_code)
+
+    app = Starlette(routes=[
+        Route("/", page), Route("/index.html", page), Route("/api/info", info),
+        Route("/api/chat", chat, methods=["POST"]), Route("/api/reset", reset, methods=["POST"]),
+    ], exception_handlers={HTTPException: not_found})
+    return loopback_only(app, port)
 
 
 class ChatServer:
-    """The HTTP server around a ``ChatService``; ``port=0`` picks a free port (tests)."""
+    """uvicorn serving the chat app on 127.0.0.1; ``port=0`` picks a free port (tests)."""
 
     def __init__(self, chatbot: Chatbot, port: int = 8000):
+        import uvicorn
+
         self.service = ChatService(chatbot)
-        holder = {"port": port}
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            self.httpd = ThreadingHTTPServer((HOST, port), make_handler(self.service, holder))
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((HOST, port))
         except OSError as exc:
+            self.socket.close()
             raise ChatbotError(f"cannot serve on {HOST}:{port} ({exc.strerror or exc}): pass "
                                "another --port") from None
-        self.httpd.daemon_threads = True
-        holder["port"] = self.port
+        # h11 named, so that HTTP parsing does not change with the optional httptools package.
+        config = uvicorn.Config(make_app(self.service, lambda: self.port), http="h11",
+                                log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.socket.getsockname()[:2]
+        return host, int(port)
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return self.address[1]
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/"
 
+    def serve_forever(self) -> None:
+        self.server.run(sockets=[self.socket])
+
     def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.httpd.serve_forever, name="chat-http", daemon=True)
-        thread.start()
-        return thread
+        self.server.config.install_signal_handlers = False  # signals belong to the main thread
+        self._thread = threading.Thread(target=self.serve_forever, name="chat-http", daemon=True)
+        self._thread.start()
+        while not self.server.started and self._thread.is_alive():
+            self._thread.join(0.01)
+        return self._thread
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.socket.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,18 +266,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         chatbot, report = build_chatbot(options_from_args(args))
-        try:
+        with chatbot:
             print(f"{chatbot.documents.location.describe()}: {report.summary()}")
             for relative, why in report.skipped:
                 print(f"  skipped {relative}: {why}")
             server = ChatServer(chatbot, args.port)
             print(f"chat at {server.url}  (Ctrl-C to stop)", flush=True)
             try:
-                server.httpd.serve_forever()
+                server.serve_forever()
             finally:
-                server.httpd.server_close()
-        finally:
-            chatbot.documents.client.close()
+                server.socket.close()
         return 0
 
     return run_safely(run)
