@@ -23,6 +23,7 @@ def test_weight_one_orders_by_the_iem():
     assert _order(blend_ranks(logits, 1.0)) == [1, 2, 0, 3]
 
 
+@pytest.mark.slow
 def test_half_weight_is_reciprocal_rank_fusion_of_both_orders():
     logits = torch.tensor([0.0, 2.0, 1.0])  # IEM ranks: 3, 1, 2
     blended = blend_ranks(logits, 0.5)
