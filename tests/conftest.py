@@ -4,6 +4,17 @@ import pytest
 
 from tests.tiny_models import build_tiny_causal_lm
 
+#: Fixtures that build a model (here or in a test module): a test that uses one, directly
+#: or through another fixture, is marked slow; `python -m pytest -m "not slow"` loads none.
+MODEL_FIXTURES = frozenset({"tiny_backbone", "tiny_gemma_backbone", "tiny_student_dir",
+                            "tiny_bert", "looping_lm"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:

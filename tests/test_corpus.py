@@ -110,6 +110,7 @@ def test_text_that_is_not_utf8_is_an_error(tmp_path):
         load_corpus(tmp_path)
 
 
+@pytest.mark.slow
 def test_corrupt_pdf_is_an_error(tmp_path):
     write(tmp_path / "broken.pdf", b"%PDF-1.4 this is not really a pdf")
     with pytest.raises(CorpusError, match=r"broken\.pdf"):

@@ -54,6 +54,7 @@ def make_config(tmp_path: Path, beir: Path, backbone: str, **overrides) -> Disti
     return DistillConfig(**settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_encoder_blocks_are_found_and_slices_compose(tmp_path, arch):
     student = student_of(str(build_tiny_encoder(tmp_path, arch=arch)))

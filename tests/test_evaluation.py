@@ -26,6 +26,9 @@ from llama_index_d2llm.trainer.evaluation import (
 from llama_index_d2llm.trainer.pairs import SymmetricPair
 from tests.distill_fixtures import write_beir
 
+# ranx compiles its metrics with numba on first use: every test here takes seconds.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def beir(tmp_path_factory) -> Path:

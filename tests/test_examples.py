@@ -261,6 +261,7 @@ def test_bad_folders_give_one_line_errors(tmp_path):
         core.scan_folder(empty / "README")
 
 
+@pytest.mark.slow
 def test_locked_qdrant_folder_names_the_process(tmp_path):
     path = tmp_path / "qdrant"
     holder = subprocess.Popen(
@@ -391,6 +392,7 @@ def test_readme_commands_parse():
 
 
 # ============================================================================ sample corpus
+@pytest.mark.slow
 def test_sample_corpus_is_small_licensed_and_reproducible(tmp_path):
     files = sorted(SAMPLE.glob("*.md"))
     assert len(files) >= 40
@@ -407,6 +409,7 @@ def test_sample_corpus_is_small_licensed_and_reproducible(tmp_path):
         assert new.read_text() == (SAMPLE / new.name).read_text(), new.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [
     ["examples/quickstart.py", "--help"],  # as the README runs it: a script, not a module
     ["-m", "examples.chatbot", "web", "--help"],

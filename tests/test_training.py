@@ -291,6 +291,7 @@ def test_the_default_backbone_keeps_its_measured_best_depth():
         DistillConfig(corpus="docs", backbone_layers=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_layer_slices_compose_to_the_whole_backbone(tmp_path, arch):
     from llama_index_d2llm.student.backbone import layer_slice
