@@ -34,7 +34,7 @@ from llama_index_d2llm.student.files import (
     apply_default_modes,
     staged_directory,
 )
-from llama_index_d2llm.student.model import check_student_target
+from llama_index_d2llm.student.storage import check_student_target
 from llama_index_d2llm.trainer.checkpoints import STUDENT_DIR, latest_checkpoint
 from llama_index_d2llm.trainer.config import (
     DISTILL_CONFIG_NAME,
