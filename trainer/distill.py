@@ -25,11 +25,11 @@ from llama_index_d2llm.student import D2LLMStudent, LoraSettings
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_LAYERS,
     DEFAULT_BACKBONE_NAME,
-    check_max_lengths,
     load_tokenizer,
     resolve_backbone,
     resolve_device,
 )
+from llama_index_d2llm.student.body import check_max_lengths
 from llama_index_d2llm.student.files import (
     apply_default_modes,
     staged_directory,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from llama_index_d2llm.student.backbone import decoder_layers
+from llama_index_d2llm.student.body import decoder_layers
 from llama_index_d2llm.student.config import LoraSettings
 
 

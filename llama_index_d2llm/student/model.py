@@ -19,17 +19,19 @@ from torch import nn
 
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
-    check_max_lengths,
     load_body,
     load_tokenizer,
-    max_positions,
-    no_cache_kwargs,
     resolve_backbone,
     resolve_device,
     resolve_dtype,
-    truncate_layers,
 )
 from llama_index_d2llm.student.blend import blend_ranks, check_first_stage
+from llama_index_d2llm.student.body import (
+    check_max_lengths,
+    max_positions,
+    no_cache_kwargs,
+    truncate_layers,
+)
 from llama_index_d2llm.student.config import (
     ADAPTER_DIR,
     CONFIG_NAME,
