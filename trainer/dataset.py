@@ -23,7 +23,7 @@ import torch
 from llama_index_d2llm.trainer.corpus import Passage
 from llama_index_d2llm.trainer.losses import cosine_matrix
 from llama_index_d2llm.trainer.pairs import SymmetricPair
-from llama_index_d2llm.trainer.queries import Query
+from llama_index_d2llm.trainer.queries import Query, dev_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index_d2llm.trainer.teacher import Teacher
@@ -245,12 +245,7 @@ def pair_items(pairs: Sequence[SymmetricPair], *, num_negatives: int, min_score:
 def split_items(items: Sequence[RankingItem], dev_fraction: float, seed: int
                 ) -> tuple[list[RankingItem], list[RankingItem]]:
     """(train, dev) by item id, deterministic in the ids and the seed (input order kept)."""
-    ids = sorted({item.id for item in items})
-    random.Random(seed).shuffle(ids)
-    size = round(len(ids) * dev_fraction)
-    if dev_fraction > 0 and len(ids) >= 2:
-        size = min(max(size, 1), len(ids) - 1)
-    dev = set(ids[:size])
+    dev = dev_ids([item.id for item in items], dev_fraction, seed)
     return [i for i in items if i.id not in dev], [i for i in items if i.id in dev]
 
 

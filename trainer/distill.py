@@ -25,16 +25,16 @@ from llama_index_d2llm.student import D2LLMStudent, LoraSettings
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_LAYERS,
     DEFAULT_BACKBONE_NAME,
-    check_max_lengths,
     load_tokenizer,
     resolve_backbone,
     resolve_device,
 )
+from llama_index_d2llm.student.body import check_max_lengths
 from llama_index_d2llm.student.files import (
     apply_default_modes,
     staged_directory,
 )
-from llama_index_d2llm.student.model import check_student_target
+from llama_index_d2llm.student.storage import check_student_target
 from llama_index_d2llm.trainer.checkpoints import STUDENT_DIR, latest_checkpoint
 from llama_index_d2llm.trainer.config import (
     DISTILL_CONFIG_NAME,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llama_index_d2llm.student.backbone import resolve_backbone
 from llama_index_d2llm.student.config import CONFIG_NAME
-from llama_index_d2llm.student.model import STUDENT_FILES, check_student_target
+from llama_index_d2llm.student.storage import STUDENT_FILES, check_student_target
 from llama_index_d2llm.trainer.checkpoints import CHECKPOINTS_DIR
 from llama_index_d2llm.trainer.config import (
     DISTILL_CONFIG_NAME,

@@ -141,13 +141,20 @@ def split_queries(queries: Sequence[Query], dev_fraction: float, seed: int
     """(train, dev), deterministic in the set of query ids and the seed, input order kept."""
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}: e.g. 0.2")
-    ids = sorted({query.id for query in queries})
-    random.Random(seed).shuffle(ids)
-    size = round(len(ids) * dev_fraction)
-    if dev_fraction > 0 and len(ids) >= 2:
-        size = min(max(size, 1), len(ids) - 1)
-    dev_ids = set(ids[:size])
-    return ([q for q in queries if q.id not in dev_ids], [q for q in queries if q.id in dev_ids])
+    dev = dev_ids([query.id for query in queries], dev_fraction, seed)
+    return [q for q in queries if q.id not in dev], [q for q in queries if q.id in dev]
+
+
+def dev_ids(ids: Collection[str], dev_fraction: float, seed: int) -> set[str]:
+    """The ids held out for dev: a seeded draw from the sorted distinct ids, so the same ids
+    and seed give the same split in any input order; never all, and never none when some
+    fraction is asked for and there are two ids or more."""
+    ordered = sorted(set(ids))
+    random.Random(seed).shuffle(ordered)
+    size = round(len(ordered) * dev_fraction)
+    if dev_fraction > 0 and len(ordered) >= 2:
+        size = min(max(size, 1), len(ordered) - 1)
+    return set(ordered[:size])
 
 
 # ---------------------------------------------------------------------------- generated queries

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from llama_index_d2llm.student import D2LLMStudent
-from llama_index_d2llm.student.backbone import decoder_layers, layer_slice
+from llama_index_d2llm.student.body import decoder_layers, layer_slice
 from llama_index_d2llm.student.files import atomic_write_bytes
 from llama_index_d2llm.student.modes import eval_mode
 

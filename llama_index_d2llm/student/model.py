@@ -7,8 +7,6 @@ nothing of either.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,15 +19,16 @@ from torch import nn
 
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
-    check_max_lengths,
-    decoder_layers,
     load_body,
     load_tokenizer,
-    max_positions,
-    no_cache_kwargs,
     resolve_backbone,
     resolve_device,
     resolve_dtype,
+)
+from llama_index_d2llm.student.body import (
+    check_max_lengths,
+    max_positions,
+    no_cache_kwargs,
     truncate_layers,
 )
 from llama_index_d2llm.student.config import (
@@ -40,10 +39,9 @@ from llama_index_d2llm.student.config import (
     D2LLMConfig,
     LoraSettings,
 )
-from llama_index_d2llm.student.errors import CheckpointError, UnsafeDirectoryError
+from llama_index_d2llm.student.errors import CheckpointError
 from llama_index_d2llm.student.files import (
     apply_default_modes,
-    refuse_foreign,
     staged_directory,
 )
 from llama_index_d2llm.student.fusion import (
@@ -53,8 +51,19 @@ from llama_index_d2llm.student.fusion import (
     fuse,
 )
 from llama_index_d2llm.student.iem import InteractionEmulation
+from llama_index_d2llm.student.lora import is_peft, wrap_lora
 from llama_index_d2llm.student.modes import eval_mode
 from llama_index_d2llm.student.pma import PMAPooling
+from llama_index_d2llm.student.storage import (  # the directory format
+    ADAPTER_CONFIG_NAME,
+    FINGERPRINT_VERSION_KEY,
+    STUDENT_FILES,
+    check_adapter_config,
+    check_student_target,
+    compute_fingerprint,
+    load_safetensors,
+    student_backbone,
+)
 from llama_index_d2llm.student.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -62,49 +71,10 @@ logger = logging.getLogger(__name__)
 TextKind = Literal["query", "passage"]
 VectorsLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[float]
 
-#: What a student directory holds; anything else in one is a user's, and never dropped.
-STUDENT_FILES = (CONFIG_NAME, HEADS_NAME, ADAPTER_DIR, MERGED_BACKBONE_DIR)
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-#: ``extra`` key of configs whose fingerprint also covers the settings that shape the vectors
-#: (lengths, PMA heads, LoRA): absent from students saved before, whose fingerprints stay valid.
-FINGERPRINT_VERSION_KEY = "fingerprint_version"
-
-
 def _as_float_tensor(values: VectorsLike) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.float()
     return torch.as_tensor(np.asarray(values, dtype=np.float32))
-
-
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest
-
-
-def compute_fingerprint(config: D2LLMConfig, heads: dict[str, torch.Tensor],
-                        adapter: dict[str, torch.Tensor] | None) -> str:
-    """A short hash naming exactly these weights (backbone reference, heads, LoRA adapter)."""
-    digest = _tensor_digest(heads)
-    if adapter:
-        digest.update(_tensor_digest(adapter).digest())
-    identity = [config.backbone or DEFAULT_BACKBONE_NAME, config.hidden_size,
-                config.query_instruction, config.passage_instruction, config.normalize]
-    if config.backbone_layers is not None:  # absent from older fingerprints: keep them valid
-        identity.append(("backbone_layers", config.backbone_layers))
-    if config.extra.get(FINGERPRINT_VERSION_KEY, 1) >= 2:
-        lora = config.lora
-        identity.append(("settings", config.max_query_length, config.max_passage_length,
-                         config.pma_heads, config.pma_ffn_size, config.iem_hidden_size,
-                         config.iem_cosine_skip,
-                         None if lora is None else (lora.r, lora.alpha, lora.target_modules,
-                                                    lora.layers)))
-    digest.update(repr(identity).encode())
-    return digest.hexdigest()[:16]
 
 
 class D2LLMStudent(nn.Module):
@@ -209,11 +179,11 @@ class D2LLMStudent(nn.Module):
                 "save was interrupted): distill or save it again"
             )
         config = D2LLMConfig.from_json_file(config_path)
-        heads = _load_safetensors(directory / HEADS_NAME)
+        heads = load_safetensors(directory / HEADS_NAME)
         adapter_dir = directory / ADAPTER_DIR
         adapter = None
         if config.lora is not None:
-            adapter = _load_safetensors(adapter_dir / "adapter_model.safetensors")
+            adapter = load_safetensors(adapter_dir / "adapter_model.safetensors")
         fingerprint = compute_fingerprint(config, heads, adapter)
         if config.fingerprint is not None and fingerprint != config.fingerprint:
             raise CheckpointError(
@@ -221,7 +191,7 @@ class D2LLMStudent(nn.Module):
                 f"recorded in {CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files "
                 "are corrupt or were edited; restore them or distill the student again"
             )
-        path = _student_backbone(config, directory)
+        path = student_backbone(config, directory)
         if config.trust_remote_code and trust_remote_code is not True:
             raise CheckpointError(
                 f"the student in {str(directory)!r} asks to run Python code shipped with its "
@@ -232,7 +202,7 @@ class D2LLMStudent(nn.Module):
             )
         remote = bool(trust_remote_code)
         if adapter is not None:
-            _check_adapter_config(adapter_dir, config)
+            check_adapter_config(adapter_dir, config)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         tokenizer = load_tokenizer(path, remote)
@@ -278,7 +248,7 @@ class D2LLMStudent(nn.Module):
         return nn.ModuleDict({"pma": self.pma, "iem": self.iem})
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if not _is_peft(self.backbone):
+        if not is_peft(self.backbone):
             return None
         from peft import get_peft_model_state_dict
 
@@ -300,7 +270,7 @@ class D2LLMStudent(nn.Module):
     @property
     def body(self) -> nn.Module:
         """The Hugging Face transformer body, unwrapped from peft (LoRA layers included)."""
-        return self.backbone.get_base_model() if _is_peft(self.backbone) else self.backbone
+        return self.backbone.get_base_model() if is_peft(self.backbone) else self.backbone
 
     @property
     def device(self) -> torch.device:
@@ -446,7 +416,7 @@ class D2LLMStudent(nn.Module):
     # ------------------------------------------------------------------ saving
     def merge_lora(self) -> None:
         """Fold LoRA into the backbone weights for inference (about 2x faster on CPU)."""
-        if _is_peft(self.backbone):
+        if is_peft(self.backbone):
             self._loaded_fingerprint = self.fingerprint
             self.backbone = self.backbone.merge_and_unload()
 
@@ -473,20 +443,20 @@ class D2LLMStudent(nn.Module):
             save_file(heads, str(work / HEADS_NAME), metadata={"format": "pt"})
             if merged:
                 body = self.backbone
-                if _is_peft(body):
+                if is_peft(body):
                     body = copy.deepcopy(body).merge_and_unload()
                 body.save_pretrained(work / MERGED_BACKBONE_DIR, safe_serialization=True)
                 self.tokenizer.save_pretrained(work / MERGED_BACKBONE_DIR)
                 config.backbone = MERGED_BACKBONE_DIR
                 config.lora = None
                 adapter = None
-            elif _is_peft(self.backbone):
+            elif is_peft(self.backbone):
                 self.backbone.save_pretrained(work / ADAPTER_DIR, safe_serialization=True)
-                adapter = _load_safetensors(work / ADAPTER_DIR / "adapter_model.safetensors")
+                adapter = load_safetensors(work / ADAPTER_DIR / "adapter_model.safetensors")
             else:
                 config.lora = None
                 adapter = None
-            config.fingerprint = compute_fingerprint(config, _load_safetensors(
+            config.fingerprint = compute_fingerprint(config, load_safetensors(
                 work / HEADS_NAME), adapter)
             config.to_json_file(work / CONFIG_NAME)
             apply_default_modes(work)
@@ -500,68 +470,6 @@ def _hidden_size(body: nn.Module) -> int:
     config = body.config
     text_config = getattr(config, "text_config", None) or config
     return int(text_config.hidden_size)
-
-
-def _is_peft(module: nn.Module) -> bool:
-    return hasattr(module, "peft_config")
-
-
-def wrap_lora(body: nn.Module, lora: LoraSettings) -> nn.Module:
-    """``body`` with a trainable peft LoRA adapter on the blocks ``lora`` names."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora.target_modules
-    if lora.layers is not None:
-        # the linears of the chosen blocks, by full name (peft's layers_to_transform does not
-        # find the blocks of a bare body, whose names have no prefix before "layers.")
-        wanted = None if targets == "all-linear" else set(
-            [targets] if isinstance(targets, str) else targets)
-        blocks = decoder_layers(body)
-        prefix = {id(block): name for name, block in body.named_modules()}
-        targets = [f"{prefix[id(blocks[i])]}.{name}" for i in lora.layers
-                   for name, module in blocks[i].named_modules()
-                   if isinstance(module, nn.Linear)
-                   and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=targets, bias="none")
-    return get_peft_model(body, peft_config)
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise CheckpointError(
-            f"{str(path)!r} is missing: the student directory is incomplete; copy it whole or "
-            "distill it again"
-        )
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable safetensors file ({exc}): the student directory "
-            "is corrupt; restore it or distill it again"
-        ) from exc
-
-
-def check_student_target(directory: Path, known: Sequence[str]) -> None:
-    """``directory`` may be written: new, empty, or a student holding only ``known`` entries.
-
-    Saving replaces the directory whole, so anything else in it (a user's folder, notes kept
-    beside a student) would be deleted: refuse instead, saying what is there.
-    """
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise UnsafeDirectoryError(f"{str(directory)!r} is a file, not a directory: save the "
-                                   "student to a new directory")
-    if any(directory.iterdir()) and not (directory / CONFIG_NAME).exists():
-        raise UnsafeDirectoryError(
-            f"{str(directory)!r} exists and is not a D2LLM student (no {CONFIG_NAME}); it would "
-            "be replaced, deleting what is in it: choose a new directory"
-        )
-    refuse_foreign(directory, known, "the student directory",
-                   "move them elsewhere or choose another directory")
 
 
 def _check_texts(texts: Sequence[str]) -> None:
@@ -585,37 +493,3 @@ def check_unicode(text: str, what: str) -> None:
             f"{text[exc.start]!r} at position {exc.start} (half of a UTF-16 pair): repair the "
             "text, e.g. decode its source with errors='replace'"
         ) from None
-
-
-def _student_backbone(config: D2LLMConfig, directory: Path) -> str:
-    """The backbone a saved student refers to; a missing local folder is named as such."""
-    try:
-        return resolve_backbone(config.backbone, base_dir=directory)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{exc}; it is the `backbone` of {str(directory / CONFIG_NAME)!r}:"
-                              " point it at the model the student was distilled from") from exc
-
-
-def _check_adapter_config(adapter_dir: Path, config: D2LLMConfig) -> None:
-    """The adapter's settings (not covered by the tensors' hash) agree with the student's."""
-    path = adapter_dir / ADAPTER_CONFIG_NAME
-    fix = "restore the student directory whole, or distill the student again"
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{str(path)!r} is missing, so the LoRA adapter cannot be "
-                              f"applied: {fix}") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not readable JSON ({exc}): {fix}") from exc
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{str(path)!r} does not hold a JSON object: {fix}")
-    lora = config.lora
-    expected = {"peft_type": "LORA", "r": lora.r, "lora_alpha": lora.alpha}
-    wrong = {key: settings.get(key) for key, value in expected.items()
-             if settings.get(key) != value}
-    if wrong:
-        raise CheckpointError(
-            f"{str(path)!r} says {wrong}, but the student was saved with "
-            f"{ {key: expected[key] for key in wrong} } ({CONFIG_NAME}): the adapter settings "
-            f"were edited and would change the vectors; {fix}"
-        )
