@@ -6,10 +6,10 @@
    offline Gemma 3 270M as teacher and student backbone (``d2llm-rag distill``, small
    settings: a few minutes on a 2-core CPU);
 2. indexes the corpus into an embedded Qdrant on disk with ``D2LLMEmbedding``;
-3. asks a few questions: for each, Qdrant's first-stage cosine ranking next to D2LLM's
-   (the IEM rescoring of the first stage's top-k), then an answer: with the offline base
-   model, the sentences of the best passages quoted (extractive); with an instruction-tuned
-   ``--llm``, generated.
+3. asks a few questions: for each, Qdrant's cosine ranking next to D2LLM's (hybrid search,
+   its top-k rescored as the student recorded: cosine, BM25 score, IEM), then an answer: with
+   the offline base model, the sentences of the best passages quoted (extractive); with an
+   instruction-tuned ``--llm``, generated.
 
 Everything lands under ``--workdir`` (default ``runs/quickstart``); a second run reuses the
 student and the index. ``--quick`` is the smoke-test size (the test suite runs it with tiny
@@ -89,7 +89,7 @@ def ensure_student(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def compare_rankings(chatbot: Chatbot, question: str, width: int = 38) -> str:
-    """First-stage cosine top-n next to D2LLM's top-n, each D2LLM hit with its cosine rank."""
+    """Qdrant's cosine top-n next to D2LLM's top-n, each D2LLM hit with its cosine rank."""
     candidates = chatbot.first_stage(question, chatbot.similarity_top_k)
     cosine_rank = {s.node_id: s.rank for s in candidates}
     d2llm = chatbot.search(question)
@@ -101,8 +101,7 @@ def compare_rankings(chatbot: Chatbot, question: str, width: int = 38) -> str:
                                 placeholder="…")
         return f"{name} {detail}".ljust(width)
 
-    lines = [f"  {'#':>2}  {'first stage: Qdrant cosine':<{width}}  D2LLM: IEM rescoring of the "
-             f"top {chatbot.similarity_top_k}"]
+    lines = [f"  {'#':>2}  {'Qdrant cosine alone':<{width}}  D2LLM: {chatbot.ranking_label}"]
     for i in range(chatbot.top_n):
         first = candidates[i] if i < len(candidates) else None
         mine = d2llm[i] if i < len(d2llm) else None

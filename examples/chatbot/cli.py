@@ -55,7 +55,7 @@ def add_chatbot_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--top-k", type=int, default=50,
                         help="first-stage candidates from Qdrant's cosine search")
     search.add_argument("--top-n", type=int, default=4,
-                        help="passages kept after IEM rescoring (the LLM's context)")
+                        help="passages kept after the rescoring (the LLM's context)")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
 
 
