@@ -397,3 +397,29 @@ async def alexical_scores(vector_store: Any, sparse_query: Any, node_ids: Sequen
                           info: CollectionInfo | None = None) -> list[float]:
     store = require_qdrant(vector_store, "lexical_scores")
     return await arun(store, _lexical_flow(store, sparse_query, node_ids, info))
+
+
+def _candidates_flow(store: QdrantVectorStore, node_ids: Sequence[str],
+                     info: CollectionInfo | None, sparse_query: Any
+                     ) -> Flow[tuple[list[list[float]], list[float] | None]]:
+    info = info or (yield from describe_flow(store))
+    vectors = yield from _fetch_flow(store, node_ids, info)
+    if sparse_query is None:
+        return vectors, None
+    return vectors, (yield from _lexical_flow(store, sparse_query, node_ids, info))
+
+
+def fetch_candidates(vector_store: Any, node_ids: Sequence[str],
+                     info: CollectionInfo | None = None, sparse_query: Any = None
+                     ) -> tuple[list[list[float]], list[float] | None]:
+    """What rescoring needs of given nodes: their stored vectors and, given the query's
+    ``sparse_query``, their BM25 scores (``lexical_scores``); ``None`` without one."""
+    store = require_qdrant(vector_store, "fetch_candidates")
+    return run(store, _candidates_flow(store, node_ids, info, sparse_query))
+
+
+async def afetch_candidates(vector_store: Any, node_ids: Sequence[str],
+                            info: CollectionInfo | None = None, sparse_query: Any = None
+                            ) -> tuple[list[list[float]], list[float] | None]:
+    store = require_qdrant(vector_store, "fetch_candidates")
+    return await arun(store, _candidates_flow(store, node_ids, info, sparse_query))

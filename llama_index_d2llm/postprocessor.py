@@ -21,11 +21,9 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index_d2llm.collection import (
     CollectionInfo,
-    afetch_vectors,
-    alexical_scores,
-    fetch_vectors,
+    afetch_candidates,
+    fetch_candidates,
     first_stage_of,
-    lexical_scores,
     sparse_query,
 )
 from llama_index_d2llm.embedding import D2LLMEmbedding
@@ -104,6 +102,15 @@ class D2LLMRerank(BaseNodePostprocessor):
             return self.first_stage
         return first_stage_of(self.vector_store, info)
 
+    def _request(self, query_bundle: QueryBundle, nodes: list[NodeWithScore],
+                 info: CollectionInfo) -> tuple[list[str], str, Any]:
+        """The node ids, the first stage, and the query's sparse vector when the fusion of
+        that first stage weighs BM25 (else ``None``: no BM25 scores are fetched)."""
+        stage = self._first_stage(info)
+        sparse = (sparse_query(self.vector_store, query_bundle.query_str)
+                  if weighs_lexical(self.embed_model, stage) else None)
+        return [n.node.node_id for n in nodes], stage, sparse
+
     def _postprocess_nodes(self, nodes: list[NodeWithScore],
                            query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
         if query_bundle is None:
@@ -114,14 +121,8 @@ class D2LLMRerank(BaseNodePostprocessor):
                            self.embed_model.model_name) as finish:
             info = self._guard.ensure(self.embed_model.student)
             query = query_vector(self.embed_model, query_bundle)
-            node_ids = [n.node.node_id for n in nodes]
-            vectors = fetch_vectors(self.vector_store, node_ids, info)
-            stage = self._first_stage(info)
-            lexical = None
-            if weighs_lexical(self.embed_model, stage):
-                lexical = lexical_scores(self.vector_store,
-                                         sparse_query(self.vector_store, query_bundle.query_str),
-                                         node_ids, info)
+            node_ids, stage, sparse = self._request(query_bundle, nodes, info)
+            vectors, lexical = fetch_candidates(self.vector_store, node_ids, info, sparse)
             ranked = rank_by_iem(self.embed_model, query, nodes, vectors, self.task, self.top_n,
                                  self.keep_retrieval_score, stage, lexical)
             finish(ranked)
@@ -138,14 +139,8 @@ class D2LLMRerank(BaseNodePostprocessor):
                            self.embed_model.model_name) as finish:
             info = await self._guard.aensure(self.embed_model.student)
             query = await aquery_vector(self.embed_model, query_bundle)
-            node_ids = [n.node.node_id for n in nodes]
-            vectors = await afetch_vectors(self.vector_store, node_ids, info)
-            stage = self._first_stage(info)
-            lexical = None
-            if weighs_lexical(self.embed_model, stage):
-                lexical = await alexical_scores(
-                    self.vector_store, sparse_query(self.vector_store, query_bundle.query_str),
-                    node_ids, info)
+            node_ids, stage, sparse = self._request(query_bundle, nodes, info)
+            vectors, lexical = await afetch_candidates(self.vector_store, node_ids, info, sparse)
             ranked = await asyncio.to_thread(rank_by_iem, self.embed_model, query, nodes,
                                              vectors, self.task, self.top_n,
                                              self.keep_retrieval_score, stage, lexical)
