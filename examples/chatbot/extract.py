@@ -1,0 +1,197 @@
+"""Extractive answers: the units of the retrieved passages that best answer a question.
+
+A passage is split into quotable units (sentences, list items, code blocks), each under its
+section heading (``split_passage``); ``ExtractiveAnswerer`` ranks them with the same D2LLM
+student that ranked the passages and quotes the best, as written, grouped by section with
+their file. Nothing is invented; what it cannot do is rephrase.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from examples.chatbot.chat import Source
+    from llama_index_d2llm import D2LLMEmbedding
+
+SCORERS = ("iem", "cosine", "order")
+#: The IEM and the cosine tie on the follow-up benchmark (benchmarks/chatbot_followups.py
+#: --extractive); the IEM is the student's own relevance judge.
+DEFAULT_SCORER = "iem"
+DEFAULT_SENTENCES = 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One quotable unit of a passage: a sentence, a list item or a code block."""
+
+    text: str  # as written (code keeps its lines)
+    heading: str  # the section it sits under in its passage ("" when the passage has none)
+    source: str  # the file
+    passage: int  # rank of its passage among the sources (0 = best)
+    position: int  # order inside the passage
+
+    @property
+    def embed_text(self) -> str:
+        """What the student embeds: the sentence with its section ("csv.writer: ...")."""
+        return f"{self.heading}: {self.text}" if self.heading else self.text
+
+
+_HEADING = re.compile(r"^#{1,6}\s+(.*\S)\s*$")
+_ITEM = re.compile(r"^\s*(?:[*\-+•]|\d+[.)])\s+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(`A-Z0-9])")
+
+
+_CODE_LINE = re.compile(r"[=(){}\[\]]|^\s*(?:>>>|\.\.\.|def |class |import |from |for |with |"
+                        r"if |return )")
+
+
+def _is_code(lines: list[str]) -> bool:
+    """Mostly indented lines that look like code, or an assignment from a call.
+
+    Docstrings indent their bullet lists and notes too: those stay prose.
+    """
+    if re.match(r"^[\w.\[\]]+\s*=\s*[\w.]+\(", lines[0].strip()):
+        return True
+    indented = sum(1 for line in lines if line.startswith(("    ", "\t", ">>>")))
+    code = sum(1 for line in lines if _CODE_LINE.search(line) and not _ITEM.match(line))
+    return indented * 2 >= len(lines) and code * 2 >= len(lines)
+
+
+def split_passage(text: str, source: str = "", passage: int = 0, min_chars: int = 24,
+                  max_code_lines: int = 8) -> list[Candidate]:
+    """A passage's quotable units, in order: headings name them, they are not units."""
+    units: list[Candidate] = []
+    heading = ""
+
+    def add(piece: str) -> None:
+        if len(" ".join(piece.split())) >= min_chars:
+            units.append(Candidate(piece, heading, source, passage, len(units)))
+
+    block: list[str] = []
+
+    def close_block() -> None:
+        if not block:
+            return
+        if _is_code(block):
+            add(textwrap.dedent("\n".join(block[:max_code_lines])).strip())
+        else:
+            items: list[list[str]] = []
+            for line in block:
+                if _ITEM.match(line) or not items:
+                    items.append([])
+                items[-1].append(line.strip())
+            for item in items:
+                for sentence in _SENTENCE.split(" ".join(item)):
+                    add(sentence.strip())
+        block.clear()
+
+    for line in text.splitlines():
+        match = _HEADING.match(line)
+        if match:
+            close_block()
+            heading = match.group(1)
+        elif not line.strip():
+            close_block()
+        else:
+            block.append(line.rstrip())
+    close_block()
+    return units
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+class ExtractiveAnswerer:
+    """The sentences of the sources that best answer a query, ranked by the student.
+
+    Every unit of the retrieved passages is embedded as a passage by the student (with its
+    section heading); ``iem`` scores them against the query vector with the IEM (the
+    student's own relevance judge), ``cosine`` with the cosine of the vectors, ``order``
+    takes them in passage order (the baseline). The best ``sentences`` that are not
+    duplicates (the same words, or contained in one already chosen, as the overlap of two
+    chunks gives) are shown grouped by section, in the order they are written.
+    """
+
+    def __init__(self, embed: D2LLMEmbedding, sentences: int = DEFAULT_SENTENCES,
+                 scorer: str = DEFAULT_SCORER, with_heading: bool = True):
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        self.embed = embed
+        self.sentences = sentences
+        self.scorer = scorer
+        self.with_heading = with_heading
+
+    def candidates(self, sources: Sequence[Source]) -> list[Candidate]:
+        return [unit for rank, source in enumerate(sources)
+                for unit in split_passage(source.text, source.source, rank)]
+
+    def scores(self, query: str, units: Sequence[Candidate]) -> list[float]:
+        """Higher is better; one per unit."""
+        if not units:
+            return []
+        if self.scorer == "order":
+            return [-float(i) for i in range(len(units))]
+        import torch
+
+        student = self.embed.student
+        texts = [u.embed_text if self.with_heading else u.text for u in units]
+        vectors = student.encode(texts, "passage")
+        query_vector = torch.as_tensor([self.embed.get_query_embedding(query)])
+        if self.scorer == "cosine":
+            values = torch.nn.functional.cosine_similarity(query_vector, vectors)
+        else:
+            values = student.score(query_vector[0], vectors)
+        return [float(v) for v in values]
+
+    def rank(self, query: str, sources: Sequence[Source]) -> list[Candidate]:
+        """All units, best first, duplicates dropped."""
+        units = self.candidates(sources)
+        scores = self.scores(query, units)
+        order = sorted(range(len(units)), key=lambda i: (-scores[i], i))
+        kept: list[Candidate] = []
+        seen: list[str] = []
+        for i in order:
+            key = _normal(units[i].text)
+            if not key or any(key in other or other in key for other in seen):
+                continue
+            seen.append(key)
+            kept.append(units[i])
+        return kept
+
+    def answer(self, query: str, sources: Sequence[Source]) -> list[str]:
+        """The answer as paragraphs: a section's chosen units, then its file and heading."""
+        return self.quote(query, sources)[0]
+
+    def quote(self, query: str, sources: Sequence[Source],
+              already_quoted: Collection[str] = ()) -> tuple[list[str], list[str]]:
+        """The answer's paragraphs and the keys of the units they quote.
+
+        Units whose key is in ``already_quoted`` (the keys earlier answers of the conversation
+        quoted) are left out: a follow-up retrieves with the earlier question in its query,
+        so the units that answered it rank high again, and quoting them twice tells the
+        reader nothing new.
+        """
+        ranked = self.rank(query, sources)
+        chosen = [u for u in ranked if _normal(u.text) not in already_quoted][: self.sentences]
+        if not chosen:
+            if ranked:
+                return ["The retrieved passages hold nothing beyond what was quoted above; "
+                        "see the sources below."], []
+            return ["The retrieved passages hold no sentence to quote; see the sources "
+                    "below."], []
+        groups: dict[tuple[int, str], list[Candidate]] = {}
+        for unit in chosen:  # best first: the first group is the best section
+            groups.setdefault((unit.passage, unit.heading), []).append(unit)
+        paragraphs = []
+        for (_, heading), units in groups.items():
+            units.sort(key=lambda u: u.position)
+            body = "\n".join(u.text for u in units)
+            where = f"{units[0].source} · {heading}" if heading else units[0].source
+            paragraphs.append(f"{body}\n  [{where}]")
+        return paragraphs, [_normal(u.text) for u in chosen]
