@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,12 +72,9 @@ class Manifest:
 
     def save(self, path: Path) -> None:
         """Atomically: a temp file renamed into place, so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(asdict(self), out, indent=1, sort_keys=True)
-        os.replace(temp, path)
+        from llama_index_d2llm.student.files import atomic_write_json
+
+        atomic_write_json(path, asdict(self), sort_keys=True)
 
     @property
     def chunks(self) -> int:
