@@ -83,7 +83,10 @@ def llm_condensed(chatbot: Chatbot, llm: Any, turns: list[str]) -> str:
         response = engine.stream_chat(turn)
         for _ in response.response_gen:
             pass
-        response.write_response_to_history_thread.join()  # the answer is in the memory now
+        # the answer is in the memory once the writer thread (older llama-index) has finished
+        writer = getattr(response, "write_response_to_history_thread", None)
+        if writer is not None:
+            writer.join()
         _HISTORIES[tuple(turns[:i + 1])] = memory.get_all()
     return engine._condense_question(memory.get(input=turns[-1]), turns[-1])
 
