@@ -17,10 +17,10 @@ from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRan
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index_d2llm.embedding import D2LLMEmbedding
+from llama_index_d2llm.student.tasks import Task
 
 dispatcher = get_dispatcher(__name__)
 
-Task = Literal["asymmetric", "symmetric"]
 FirstStage = Literal["dense", "hybrid"]
 
 #: Metadata key of the first-stage (cosine) score kept on rescored nodes.

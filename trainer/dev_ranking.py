@@ -29,7 +29,9 @@ import torch
 
 from llama_index_d2llm.student import D2LLMStudent
 from llama_index_d2llm.student.fusion import FIRST_STAGES, FusionWeights, fuse
+from llama_index_d2llm.student.modes import eval_mode
 from llama_index_d2llm.trainer.dataset import RankingItem
+from llama_index_d2llm.trainer.encoding import TextEncoder, encode_distinct
 from llama_index_d2llm.trainer.evaluation import (
     RunDict,
     evaluate_run,
@@ -47,9 +49,6 @@ DEV_METRIC = "dev_ndcg@10"
 LEXICAL_GRID = (0.25, 0.5, 0.75, 1.0, 1.5)
 #: IEM weights tried (0: the IEM is left out).
 IEM_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
-
-TextEncoder = Callable[[Sequence[str], str], torch.Tensor]
-
 
 def dev_corpus_ids(items: Sequence[RankingItem], passage_ids: Sequence[str], seed: int,
                    limit: int = DEV_CORPUS_LIMIT) -> list[str]:
@@ -151,26 +150,19 @@ class DevRanking:
         BM25 weight; ``dev_{stage}_iem_*``, the IEM weight), the fusion itself
         (``fusion_{stage}_rescore``, ``_lexical``, ``_iem``), and ``dev_ndcg@10``.
         """
-        from llama_index_d2llm.trainer.training import encode_distinct
-
-        was_training = student.training
-        student.eval()
-        try:
-            with torch.no_grad():
-                queries = encode_distinct(encoder, [i.text for i in self.items], "query", chunk)
-                passages = encode_distinct(encoder, [self.texts[p] for p in self.passage_ids],
-                                           "passage", chunk)
-                query_ids = [item.id for item in self.items]
-                dense = exact_search(queries.float().cpu(), passages.float().cpu(),
-                                     self.passage_ids, query_ids, self.depth)
-                first_stages = {"dense": dense, "hybrid": self.hybrid(dense)}
-                row = {pid: i for i, pid in enumerate(self.passage_ids)}
-                metrics: dict[str, float] = {}
-                for stage in FIRST_STAGES:
-                    metrics.update(self._stage_metrics(student, stage, first_stages[stage],
-                                                       queries, passages, row))
-        finally:
-            student.train(was_training)
+        with eval_mode(student), torch.no_grad():
+            queries = encode_distinct(encoder, [i.text for i in self.items], "query", chunk)
+            passages = encode_distinct(encoder, [self.texts[p] for p in self.passage_ids],
+                                       "passage", chunk)
+            query_ids = [item.id for item in self.items]
+            dense = exact_search(queries.float().cpu(), passages.float().cpu(),
+                                 self.passage_ids, query_ids, self.depth)
+            first_stages = {"dense": dense, "hybrid": self.hybrid(dense)}
+            row = {pid: i for i, pid in enumerate(self.passage_ids)}
+            metrics: dict[str, float] = {}
+            for stage in FIRST_STAGES:
+                metrics.update(self._stage_metrics(student, stage, first_stages[stage],
+                                                   queries, passages, row))
         metrics[DEV_METRIC] = sum(metrics[f"dev_{s}_rescored_ndcg@10"]
                                   for s in FIRST_STAGES) / len(FIRST_STAGES)
         return metrics
