@@ -316,7 +316,8 @@ def test_terminal_chat_loop(docs, tiny_student_dir, tiny_llm, tmp_path):
     text = stdout.getvalue()
     assert text.count("bot> ") == 2 and "(sources hidden)" in text
     assert text.count("sources (ranked by D2LLM):") == 1
-    assert re.search(r"\[1\] IEM +-?\d+\.\d{3}  cosine +-?\d\.\d{3} \(#\d\)  \S+\.md", text)
+    assert re.search(r"\[1\] D2LLM +-?\d+\.\d{3}  first stage +-?\d\.\d{3} \(#\d\)  \S+\.md",
+                     text)
     assert "(new conversation)" in text and "never asked" not in text
 
 
@@ -332,7 +333,7 @@ def test_terminal_and_ingest_commands(docs, tiny_student_dir, tiny_backbone, tmp
     assert main(["terminal", *common, "--llm", f"hf:{tiny_backbone}", "--max-new-tokens",
                  "4"]) == 0
     out = capsys.readouterr().out
-    assert "3 unchanged; embedded 0 chunks" in out and "bot> " in out and "[2] IEM" in out
+    assert "3 unchanged; embedded 0 chunks" in out and "bot> " in out and "[2] D2LLM" in out
     assert main([]) == 2
     assert main(["terminal", *common, "--top-n", "20"]) == 2
     assert "larger than --top-k" in capsys.readouterr().err

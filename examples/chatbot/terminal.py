@@ -4,9 +4,9 @@
 
 Type a question; the answer streams (quoted from the passages with the offline base model,
 generated with an instruction-tuned ``--llm``; each answer says which); the passages D2LLM
-ranked come after it with their IEM score and Qdrant's cosine (and its rank by cosine, so the
-reranking is visible). Follow-up questions are condensed with the conversation. Commands:
-/reset, /sources, /quit.
+ranked come after it with D2LLM's score and the first stage's (the cosine, or hybrid search's
+RRF score) with its rank there, so the reranking is visible. Follow-up questions are
+condensed with the conversation. Commands: /reset, /sources, /quit.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ HELP = "commands: /reset (new conversation), /sources (show or hide sources), /q
 
 
 def format_sources(sources: list[Source], width: int = 100) -> str:
-    """One line per passage: D2LLM rank, IEM score, cosine and cosine rank, file, snippet."""
+    """One line per passage: D2LLM rank and score, the first stage's score (the cosine, or
+    the RRF score of hybrid search) and rank, file, snippet."""
     if not sources:
         return "  (no sources)"
     lines = []
     for s in sources:
-        cosine = "   n/a" if s.retrieval_score is None else f"{s.retrieval_score:6.3f}"
+        score = "   n/a" if s.retrieval_score is None else f"{s.retrieval_score:6.3f}"
         first = "-" if s.first_stage_rank is None else str(s.first_stage_rank)
-        head = f"  [{s.rank}] IEM {s.score:7.3f}  cosine {cosine} (#{first})  {s.source}"
+        head = f"  [{s.rank}] D2LLM {s.score:7.3f}  first stage {score} (#{first})  {s.source}"
         lines.append(head)
         lines.append(f"      {s.snippet(width - 6)}")
     return "\n".join(lines)
