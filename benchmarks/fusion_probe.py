@@ -26,6 +26,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DEPTH = 100
@@ -59,14 +60,17 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def vectors(work: Path, variant: str, fold: int, passages: list, queries: list) -> dict:
-    """The fold's student's query and passage vectors (cached under WORK/probe)."""
-    from llama_index_d2llm.student import D2LLMStudent
-    from llama_index_d2llm.trainer.token_states import TokenStateCache
-    from llama_index_d2llm.trainer.training import encode_distinct
+    """The fold's student's query and passage vectors and IEM weights (cached under
+    WORK/probe as safetensors: no pickle)."""
+    from safetensors.torch import load_file, save_file
 
-    target = work / "probe" / f"{variant}-fold{fold}.pt"
+    from llama_index_d2llm.student import D2LLMStudent
+    from llama_index_d2llm.trainer.encoding import encode_distinct
+    from llama_index_d2llm.trainer.token_states import TokenStateCache
+
+    target = work / "probe" / f"{variant}-fold{fold}.safetensors"
     if target.exists():
-        return torch.load(target)
+        return _unpack(load_file(target))
     student = D2LLMStudent.from_pretrained(work / "students" / f"{variant}-fold{fold}",
                                            dtype="bfloat16")
     student.eval()
@@ -80,8 +84,16 @@ def vectors(work: Path, variant: str, fold: int, passages: list, queries: list) 
                                       64).float(),
                  "iem": student.iem.state_dict(), "iem_hidden": student.config.iem_hidden_size}
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(found, target)
+    save_file({"q": found["q"].contiguous(), "p": found["p"].contiguous(),
+               "iem_hidden": torch.tensor(found["iem_hidden"]),
+               **{f"iem.{k}": v.float().contiguous() for k, v in found["iem"].items()}},
+              str(target))
     return found
+
+
+def _unpack(tensors: dict[str, torch.Tensor]) -> dict:
+    return {"q": tensors["q"], "p": tensors["p"], "iem_hidden": int(tensors["iem_hidden"]),
+            "iem": {k[len("iem."):]: v for k, v in tensors.items() if k.startswith("iem.")}}
 
 
 def fold_rows(c: torch.Tensor, b: torch.Tensor, q: torch.Tensor, p: torch.Tensor, iem,
@@ -145,7 +157,7 @@ def main() -> None:
     queries = [q for q in load_queries_all(claims)]
     position = {q.id: i for i, q in enumerate(queries)}
     index = SparseBM25([p.text for p in passages])
-    bm25 = torch.tensor([index.scores(q.text) for q in queries], dtype=torch.float32)
+    bm25 = torch.from_numpy(np.stack([index.scores(q.text) for q in queries])).float()
     table: dict[str, dict[str, list[float]]] = {}
     for fold in range(args.folds):
         found = vectors(args.work, args.variant, fold, passages, queries)

@@ -102,11 +102,12 @@ class SparseBM25:
                 query[column] += weight * self.idf[column]
         return self.matrix @ query
 
-    def search(self, text: str, top_k: int) -> list[tuple[int, float]]:
-        """(document position, score) of the ``top_k`` best documents with a match."""
+    def search(self, text: str, top_k: int, scores: Any = None) -> list[tuple[int, float]]:
+        """(document position, score) of the ``top_k`` best documents with a match
+        (``scores``: this text's ``scores``, when already computed)."""
         import numpy as np
 
-        scores = self.scores(text)
+        scores = self.scores(text) if scores is None else scores
         top_k = min(top_k, len(scores))
         best = np.argsort(-scores, kind="stable")[:top_k]
         return [(int(i), float(scores[i])) for i in best if scores[i] > 0]
@@ -121,7 +122,9 @@ class DevRanking:
     texts: dict[str, str]
     lexical: RunDict
     depth: int = DEV_DEPTH
-    bm25: SparseBM25 | None = None
+    #: Each dev query's BM25 score of every searched passage (the fusion's lexical evidence),
+    #: computed once here instead of at every dev evaluation.
+    bm25_scores: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, items: Sequence[RankingItem], texts: dict[str, str], seed: int,
@@ -132,9 +135,11 @@ class DevRanking:
             return None
         ids = dev_corpus_ids(items, sorted(texts), seed, limit)
         index = SparseBM25([texts[pid] for pid in ids])
-        lexical = {item.id: {ids[i]: score for i, score in index.search(item.text, depth)}
+        scores = {item.id: index.scores(item.text) for item in items}
+        lexical = {item.id: {ids[i]: score for i, score in
+                             index.search(item.text, depth, scores[item.id])}
                    for item in items}
-        return cls(list(items), ids, texts, lexical, depth, index)
+        return cls(list(items), ids, texts, lexical, depth, scores)
 
     @property
     def qrels(self) -> dict[str, dict[str, int]]:
@@ -190,8 +195,8 @@ class DevRanking:
                 torch.nn.functional.normalize(query.float(), dim=-1)
             logits = student.iem(query, vectors, item.task).float()
             lexical = None
-            if stage == "hybrid" and self.bm25 is not None:
-                scores = self.bm25.scores(item.text)
+            if stage == "hybrid" and self.bm25_scores is not None:
+                scores = self.bm25_scores[item.id]
                 lexical = torch.tensor([float(scores[row[p]]) for p in listed])
             evidence[item.id] = (cosine.cpu(), logits.cpu(), lexical)
 

@@ -86,10 +86,10 @@ def check_fusion(fusion: Mapping[str, Any] | None) -> dict[str, FusionWeights | 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
     """Scores standardised over the last dimension (a list with no spread gives zeros)."""
     scores = scores.double()
-    centred = scores - scores.mean(-1, keepdim=True)
-    spread = scores.std(-1, keepdim=True, unbiased=False) if scores.shape[-1] > 1 else None
-    if spread is None:
+    if scores.shape[-1] < 2:
         return torch.zeros_like(scores)
+    centred = scores - scores.mean(-1, keepdim=True)
+    spread = scores.std(-1, keepdim=True, unbiased=False)
     return torch.where(spread > 0, centred / spread.clamp_min(1e-12), torch.zeros_like(scores))
 
 
