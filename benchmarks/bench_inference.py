@@ -146,6 +146,17 @@ def bench_query(student, passages: list[str], queries: list[str], top_k: int,
     return result
 
 
+def load_student(path: str | None, dtype: str = "auto"):
+    """A saved student, or an untrained one on the offline Gemma 3 270M (the real shape)."""
+    from llama_index_d2llm import D2LLMStudent
+
+    if path:
+        return D2LLMStudent.from_pretrained(path, dtype=dtype)
+    student = D2LLMStudent.from_backbone(None, dtype=dtype, seed=0)
+    student.merge_lora()  # what from_pretrained does for inference
+    return student
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", default=None,
@@ -165,14 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from llama_index_d2llm import D2LLMStudent
-
     start = time.perf_counter()
-    if args.student:
-        student = D2LLMStudent.from_pretrained(args.student, dtype=args.dtype)
-    else:
-        student = D2LLMStudent.from_backbone(None, dtype=args.dtype, seed=0)
-        student.merge_lora()  # what from_pretrained does for inference
+    student = load_student(args.student, args.dtype)
     load_s = time.perf_counter() - start
     passages, queries = load_passages(max(args.passages, args.top_k))
     report = {

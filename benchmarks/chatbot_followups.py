@@ -17,9 +17,11 @@ it and strings that mark the sections answering it. Two measurements:
    earlier turn, with the generation settings of that time, then rewrites the follow-up).
 2. **Extractive answers** (``--extractive``): for every turn, over the passages the chatbot
    retrieves for it, whether the best quoted unit (and the best 3) comes from a section that
-   answers it, for each scorer of ``answer.ExtractiveAnswerer`` (IEM, cosine, passage order),
-   with the section heading in the embedded text (and without, ``--ablate-heading``), and for
-   follow-ups ranked against the condensed query or the follow-up alone.
+   answers it, for each scorer of ``answer.ExtractiveAnswerer`` (cosine + BM25 fusion, at
+   its default BM25 weight and at 0.25, 0.5 and 2; IEM; cosine; BM25; passage order), with
+   the section heading in the embedded text (and without, ``--ablate-heading``), and for
+   follow-ups ranked against the condensed query or the follow-up alone. As in the chat, a
+   follow-up's ranking leaves out the units each scorer quoted for the earlier turns.
 
 The ``llm`` condition generates with the 270M model on the CPU: about a minute a
 conversation on 2 cores. ``--conditions`` chooses.
@@ -43,11 +45,13 @@ if str(REPO) not in sys.path:  # run as a script: make `examples` importable
 from examples.chatbot.answer import ExtractiveAnswerer  # noqa: E402
 from examples.chatbot.condense import condense_with_history  # noqa: E402
 from examples.chatbot.core import Chatbot, ChatbotOptions, open_index  # noqa: E402
+from examples.chatbot.extract import SCORERS, quote_key  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONVERSATIONS = HERE / "chatbot_followups.jsonl"
 SAMPLE = REPO / "examples" / "sample_corpus" / "python_stdlib"
 CONDITIONS = ("alone", "history-1", "history-2", "llm")
+FUSION_WEIGHTS = (0.25, 0.5, 2.0)
 
 
 def load_conversations(path: Path = CONVERSATIONS) -> list[dict[str, Any]]:
@@ -149,8 +153,11 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
     _memoise_encode(embed.student)  # the variants embed the same units: once is enough
     variants = {f"{scorer}{'' if heading else '-no-heading'}":
                 ExtractiveAnswerer(embed, scorer=scorer, with_heading=heading)
-                for scorer in ("iem", "cosine", "order") for heading in (True, False)
+                for scorer in SCORERS for heading in (True, False)
                 if heading or (ablate_heading and scorer != "order")}
+    for weight in FUSION_WEIGHTS:  # the fusion's BM25 weight, around the default
+        variants[f"fusion-{weight:g}"] = ExtractiveAnswerer(embed, scorer="fusion",
+                                                           lexical_weight=weight)
     cases, seen = [], set()
     for row in rows:
         for i, turn in enumerate(row["turns"]):
@@ -159,7 +166,22 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                 continue
             seen.add(condensed)
             cases.append({"query": condensed, "turn": turn, "follow_up": i > 0,
-                          "markers": row["answers"][i], "id": f"{row['id']}#{i}"})
+                          "markers": row["answers"][i], "id": f"{row['id']}#{i}",
+                          "earlier": [condense_with_history(user_history(row["turns"][:j]),
+                                                            row["turns"][j], turns_back)
+                                      for j in range(i)]})
+    quoted_cache: dict[tuple[str, str], list[str]] = {}
+
+    def quoted_before(name: str, answerer: ExtractiveAnswerer, earlier: list[str]) -> set[str]:
+        """What the chat quoted for the earlier turns: a follow-up does not quote it again."""
+        keys: set[str] = set()
+        for query in earlier:
+            if (name, query) not in quoted_cache:
+                quoted_cache[name, query] = answerer.quote(query, chatbot.search(query),
+                                                           keys)[1]
+            keys.update(quoted_cache[name, query])
+        return keys
+
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     detail = []
     for case in cases:
@@ -176,8 +198,10 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
             for suffix, query in queries.items():
                 if name == "order" and suffix:
                     continue  # passage order does not read the query
-                ranked = answerer.rank(query, sources)
-                hits = [answers_question(u, case["markers"]) for u in ranked[:3]]
+                quoted = quoted_before(name, answerer, case["earlier"])
+                ranked = [u for u in answerer.rank(query, sources)
+                          if quote_key(u.text) not in quoted]
+                hits = [answers_question(u, case["markers"]) for u in ranked[:3]] or [False]
                 marks.append(f"{name}{suffix.replace('|follow-up alone', '/alone')} "
                              f"{int(hits[0])}{int(any(hits))}")
                 for group in ("all", "follow-ups" if case["follow_up"] else "first turns"):
@@ -185,7 +209,7 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                     counts[key]["n"] += 1
                     counts[key]["hit@1"] += hits[0]
                     counts[key]["hit@3"] += any(hits)
-                best[name + suffix] = ranked[0].text[:100]
+                best[name + suffix] = ranked[0].text[:100] if ranked else ""
         detail.append({"id": case["id"], "query": case["query"], "top_unit": best})
         print(f"  {case['id']:<20} hit@1,hit@3: {'  '.join(marks)}  iem's best: "
               f"{best['iem'][:60]!r}", flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from examples.chatbot.answer import (
+    SCORERS,
     ExtractiveAnswerer,
     ExtractiveChatEngine,
     is_base_model,
@@ -26,6 +27,7 @@ from examples.chatbot.answer import (
 )
 from examples.chatbot.condense import condense_with_history
 from examples.chatbot.core import ChatbotError, ChatbotOptions, Source, build_chatbot
+from examples.chatbot.extract import units_bm25
 from examples.chatbot.repetition import NoRepeatInReply, RepetitionGuard, guard_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,7 +320,7 @@ def test_extractive_answer_quotes_dedups_and_names_sources(tiny_student_dir):
     sources = [Source(1, "a", "csv.md", 2.0, 0.5, 1, text[:half]),
                Source(2, "b", "csv.md", 1.0, 0.4, 2, overlap)]
     embed = D2LLMEmbedding(model_name=tiny_student_dir)
-    for scorer in ("iem", "cosine", "order"):
+    for scorer in SCORERS:
         answerer = ExtractiveAnswerer(embed, sentences=6, scorer=scorer)
         ranked = answerer.rank("How do I parse a CSV file?", sources)
         keys = [" ".join(u.text.split()) for u in ranked]
@@ -333,6 +335,18 @@ def test_extractive_answer_quotes_dedups_and_names_sources(tiny_student_dir):
         "The retrieved passages hold no sentence to quote; see the sources below."]
     with pytest.raises(ValueError, match="scorer must be one of"):
         ExtractiveAnswerer(embed, scorer="bm25")
+
+
+def test_units_bm25_weighs_the_words_that_tell_units_apart():
+    """IDF over the units: the module's name, in every unit, tells nothing; the follow-up's
+    own word does."""
+    units = ["csv.reader: Return a reader object that reads CSV rows.",
+             "csv.writer: Return a writer object; write rows with writerow.",
+             "csv: The module handles tabular CSV data."]
+    scores = units_bm25("how do I write rows to a csv file", units)
+    assert scores.index(max(scores)) == 1
+    assert max(units_bm25("csv", units)) < units_bm25("writerow", units)[1] / 3
+    assert units_bm25("zebra", units) == [0.0, 0.0, 0.0]
 
 
 def test_a_follow_up_answer_never_quotes_again_what_the_conversation_quoted(tiny_student_dir):

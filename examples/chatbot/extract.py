@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from examples.chatbot.chat import Source
     from llama_index_d2llm import D2LLMEmbedding
 
-SCORERS = ("iem", "cosine", "order")
-#: The IEM and the cosine tie on the follow-up benchmark (benchmarks/chatbot_followups.py
-#: --extractive); the IEM is the student's own relevance judge.
-DEFAULT_SCORER = "iem"
+SCORERS = ("fusion", "iem", "cosine", "lexical", "order")
+DEFAULT_SCORER = "fusion"
+#: BM25's weight in the ``fusion`` scorer: z(cosine) + LEXICAL_WEIGHT * z(BM25).
+LEXICAL_WEIGHT = 1.0
 DEFAULT_SENTENCES = 3
 
 
@@ -103,7 +105,32 @@ def split_passage(text: str, source: str = "", passage: int = 0, min_chars: int 
     return units
 
 
-def _normal(text: str) -> str:
+def units_bm25(query: str, texts: Sequence[str]) -> list[float]:
+    """BM25 of each text for the query, the texts taken as the collection.
+
+    Qdrant's BM25 (the encoder hybrid search stores, ``sparse.BM25Encoder``) with its IDF
+    counted over these texts: within one answer's units, a word every unit shares (the
+    module's name) tells nothing, and the follow-up's own words ("write") tell most.
+    """
+    import math
+
+    from llama_index_d2llm.sparse import BM25Encoder
+
+    encoder = BM25Encoder()
+    doc_indices, doc_values = encoder.encode_documents(texts)
+    query_indices = set(encoder.encode_queries([query])[0][0])
+    frequency: dict[int, int] = {}
+    for indices in doc_indices:
+        for index in set(indices) & query_indices:
+            frequency[index] = frequency.get(index, 0) + 1
+    count = len(texts)
+    idf = {t: math.log((count - df + 0.5) / (df + 0.5) + 1) for t, df in frequency.items()}
+    return [sum(idf[t] * v for t, v in zip(indices, values, strict=True) if t in idf)
+            for indices, values in zip(doc_indices, doc_values, strict=True)]
+
+
+def quote_key(text: str) -> str:
+    """The words of a unit, case-folded: equal keys quote the same thing."""
     return " ".join(re.findall(r"\w+", text.casefold()))
 
 
@@ -111,21 +138,26 @@ class ExtractiveAnswerer:
     """The sentences of the sources that best answer a query, ranked by the student.
 
     Every unit of the retrieved passages is embedded as a passage by the student (with its
-    section heading); ``iem`` scores them against the query vector with the IEM (the
-    student's own relevance judge), ``cosine`` with the cosine of the vectors, ``order``
-    takes them in passage order (the baseline). The best ``sentences`` that are not
+    section heading); ``fusion`` (the default) scores them as the retriever rescores
+    passages, ``z(cosine) + LEXICAL_WEIGHT * z(BM25)`` standardised over the units, with the
+    BM25 of ``units_bm25``; ``iem`` scores them with the IEM (the student's own relevance
+    judge), ``cosine`` with the cosine of the vectors, ``lexical`` with BM25 alone, ``order``
+    takes them in passage order (the baseline). benchmarks/chatbot_followups.py
+    --extractive measures each. The best ``sentences`` that are not
     duplicates (the same words, or contained in one already chosen, as the overlap of two
     chunks gives) are shown grouped by section, in the order they are written.
     """
 
     def __init__(self, embed: D2LLMEmbedding, sentences: int = DEFAULT_SENTENCES,
-                 scorer: str = DEFAULT_SCORER, with_heading: bool = True):
+                 scorer: str = DEFAULT_SCORER, with_heading: bool = True,
+                 lexical_weight: float = LEXICAL_WEIGHT):
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         self.embed = embed
         self.sentences = sentences
         self.scorer = scorer
         self.with_heading = with_heading
+        self.lexical_weight = lexical_weight
 
     def candidates(self, sources: Sequence[Source]) -> list[Candidate]:
         return [unit for rank, source in enumerate(sources)
@@ -137,17 +169,28 @@ class ExtractiveAnswerer:
             return []
         if self.scorer == "order":
             return [-float(i) for i in range(len(units))]
+        texts = [u.embed_text if self.with_heading else u.text for u in units]
+        if self.scorer == "lexical":
+            return units_bm25(query, texts)
+        import torch
+
+        from llama_index_d2llm.student.fusion import standardize
+
+        values = self._student_scores(query, texts)
+        if self.scorer == "fusion":
+            lexical = torch.tensor(units_bm25(query, texts), dtype=torch.float64)
+            values = standardize(values) + self.lexical_weight * standardize(lexical)
+        return [float(v) for v in values]
+
+    def _student_scores(self, query: str, texts: list[str]) -> torch.Tensor:
         import torch
 
         student = self.embed.student
-        texts = [u.embed_text if self.with_heading else u.text for u in units]
         vectors = student.encode(texts, "passage")
         query_vector = torch.as_tensor([self.embed.get_query_embedding(query)])
-        if self.scorer == "cosine":
-            values = torch.nn.functional.cosine_similarity(query_vector, vectors)
-        else:
-            values = student.score(query_vector[0], vectors)
-        return [float(v) for v in values]
+        if self.scorer == "iem":
+            return student.score(query_vector[0], vectors).double()
+        return torch.nn.functional.cosine_similarity(query_vector, vectors).double()
 
     def rank(self, query: str, sources: Sequence[Source]) -> list[Candidate]:
         """All units, best first, duplicates dropped."""
@@ -157,7 +200,7 @@ class ExtractiveAnswerer:
         kept: list[Candidate] = []
         seen: list[str] = []
         for i in order:
-            key = _normal(units[i].text)
+            key = quote_key(units[i].text)
             if not key or any(key in other or other in key for other in seen):
                 continue
             seen.append(key)
@@ -178,7 +221,7 @@ class ExtractiveAnswerer:
         reader nothing new.
         """
         ranked = self.rank(query, sources)
-        chosen = [u for u in ranked if _normal(u.text) not in already_quoted][: self.sentences]
+        chosen = [u for u in ranked if quote_key(u.text) not in already_quoted][: self.sentences]
         if not chosen:
             if ranked:
                 return ["The retrieved passages hold nothing beyond what was quoted above; "
@@ -194,4 +237,4 @@ class ExtractiveAnswerer:
             body = "\n".join(u.text for u in units)
             where = f"{units[0].source} · {heading}" if heading else units[0].source
             paragraphs.append(f"{body}\n  [{where}]")
-        return paragraphs, [_normal(u.text) for u in chosen]
+        return paragraphs, [quote_key(u.text) for u in chosen]

@@ -1,0 +1,180 @@
+"""Indexing and querying at corpus scale: encoding throughput, then local Qdrant at 10k-100k.
+
+    python benchmarks/index_scale.py --output benchmarks/results/index-scale-cpu.json
+
+Two parts, because on this CPU the student cannot encode 100,000 passages within a session
+(a few passages/s: hours), while Qdrant's cost does not depend on what the vectors mean:
+
+1. **Encoding**: passages/s of ``D2LLMEmbedding`` (the student's backbone + PMA, as ingestion
+   runs it) on ``--encode-sample`` synthetic passages of ``--words`` words, with ``--dtype``.
+   The hours to embed each corpus size follow from it (printed as computed, not timed).
+2. **Storage and search**, for each ``--sizes``, in its own process (so the peak memory is that
+   size's): synthetic passages with random unit vectors of the student's dimension go into an
+   embedded Qdrant folder (``QdrantClient(path=...)``, as the quickstart and chatbot keep
+   theirs) through ``D2LLMVectorStore`` (dense + BM25 sparse vectors, as a user's ingestion
+   writes them); then ``D2LLMRetriever.retrieve`` is timed over ``--queries`` queries, dense
+   and hybrid, median of all, with the student encoding each query for real. Written: the
+   wall time of the writes, the process's peak RSS, the folder's size on disk, the latencies.
+
+Local mode keeps every vector in memory and scans them all for each search (dense and sparse);
+where its query latency passes a second is where the README sends a user to a Qdrant server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_inference import load_student  # beside this script
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"
+
+
+def lexicon() -> list[str]:
+    """The sample corpus's words, most frequent first (real words tokenise as real text)."""
+    import re
+    from collections import Counter
+
+    counts = Counter(word for path in sorted(SAMPLE.rglob("*.md"))
+                     for word in re.findall(r"[A-Za-z]{2,}", path.read_text()))
+    return [word for word, _ in counts.most_common()]
+
+
+def synthetic_passages(count: int, words: int, seed: int) -> list[str]:
+    """Words drawn Zipf-distributed by their rank in the sample corpus (as natural text's
+    term frequencies are), so that the sparse vectors and the IDF have a natural shape."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocabulary = lexicon()
+    ranks = (rng.zipf(1.1, size=(count, words)) - 1) % len(vocabulary)  # the tail wraps
+    return [" ".join(vocabulary[r] for r in row) for row in ranks]
+
+
+def bench_encoding(args: argparse.Namespace) -> dict:
+    from llama_index_d2llm import D2LLMEmbedding
+
+    student = load_student(args.student, args.dtype)
+    embed = D2LLMEmbedding.from_student(student, embed_batch_size=args.batch_size)
+    passages = synthetic_passages(args.encode_sample, args.words, seed=1)
+    embed.get_text_embedding_batch(passages[: args.batch_size])  # warm-up
+    runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        embed.get_text_embedding_batch(passages)
+        runs.append(time.perf_counter() - start)
+    per_s = args.encode_sample / statistics.median(runs)
+    return {"student": student.name, "dtype": str(student.backbone_dtype),
+            "dimension": student.dimension,
+            "max_passage_length": student.config.max_passage_length,
+            "passages": args.encode_sample, "words": args.words, "runs_s": runs,
+            "passages_per_s": per_s,
+            "hours_to_embed (computed)": {str(n): n / per_s / 3600 for n in args.sizes}}
+
+
+def bench_size(args: argparse.Namespace, size: int) -> dict:
+    """One corpus size, in this process: write, then query."""
+    import torch
+    from llama_index.core.schema import TextNode
+    from llama_index.vector_stores.qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from llama_index_d2llm import D2LLMEmbedding, D2LLMRetriever, D2LLMVectorStore
+    from llama_index_d2llm.provenance import record_student
+
+    student = load_student(args.student, args.dtype)
+    embed = D2LLMEmbedding.from_student(student)
+    texts = synthetic_passages(size, args.words, seed=2)
+    queries = [" ".join(t.split()[:12]) for t in random.Random(3).sample(texts, args.queries)]
+    generator = torch.Generator().manual_seed(4)
+    result: dict = {"size": size}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
+        client = QdrantClient(path=folder)
+        store = D2LLMVectorStore("scale", embed, client=client)
+        start = time.perf_counter()
+        for first in range(0, size, args.write_batch):
+            batch = texts[first: first + args.write_batch]
+            vectors = torch.nn.functional.normalize(
+                torch.randn(len(batch), student.dimension, generator=generator), dim=-1)
+            nodes = [TextNode(text=t, embedding=v.tolist())
+                     for t, v in zip(batch, vectors, strict=True)]
+            # The store's own add re-encodes one node to check its student made the vectors;
+            # these are random, so the parent's add writes them (dense + BM25 alike).
+            QdrantVectorStore.add(store, nodes)
+        result["write_s"] = time.perf_counter() - start
+        record_student(store, student)
+        result["disk_mb"] = sum(p.stat().st_size for p in Path(folder).rglob("*")
+                                if p.is_file()) / 2**20
+        for mode in ("dense", "hybrid"):
+            retriever = D2LLMRetriever(vector_store=store, embed_model=embed,
+                                       similarity_top_k=args.top_k, top_n=10,
+                                       hybrid=mode == "hybrid")
+            retriever.retrieve(queries[0])  # warm-up
+            times = []
+            for query in queries:
+                start = time.perf_counter()
+                retriever.retrieve(query)
+                times.append(1000 * (time.perf_counter() - start))
+            result[f"{mode}_retrieve_ms"] = {"median": statistics.median(times),
+                                             "p90": statistics.quantiles(times, n=10)[-1]}
+        client.close()
+        # A reopen: what a chatbot's restart pays to load the embedded folder.
+        start = time.perf_counter()
+        QdrantClient(path=folder).close()
+        result["reopen_s"] = time.perf_counter() - start
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", default=None,
+                        help="saved student; default: an untrained Gemma 3 270M student of the "
+                             "real shape (speed does not depend on the weights)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    parser.add_argument("--words", type=int, default=120, help="words a passage")
+    parser.add_argument("--encode-sample", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--write-batch", type=int, default=1000)
+    parser.add_argument("--tmp", default=None, help="folder for the embedded Qdrant folders")
+    parser.add_argument("--skip-encoding", action="store_true")
+    parser.add_argument("--one-size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    if args.one_size is not None:  # the child process of one size
+        print(json.dumps(bench_size(args, args.one_size)))
+        return {}
+    report: dict = {"command": " ".join(sys.argv), "machine": platform.platform(),
+                    "words": args.words, "top_k": args.top_k, "queries": args.queries}
+    if not args.skip_encoding:
+        report["encoding"] = bench_encoding(args)
+        print(json.dumps(report["encoding"], indent=1), flush=True)
+    report["sizes"] = []
+    child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+    for size in args.sizes:
+        out = subprocess.run([*child, "--one-size", str(size)], check=True,
+                             capture_output=True, text=True)
+        report["sizes"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(report["sizes"][-1]), flush=True)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
