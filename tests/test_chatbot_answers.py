@@ -347,6 +347,12 @@ def test_units_bm25_weighs_the_words_that_tell_units_apart():
     assert scores.index(max(scores)) == 1
     assert max(units_bm25("csv", units)) < units_bm25("writerow", units)[1] / 3
     assert units_bm25("zebra", units) == [0.0, 0.0, 0.0]
+    # API names: "write" matches csv.writer and csv_writer, "parse" parsing; question words
+    # match nothing
+    api = ["csv.writer (function): csv_writer = csv.writer(fileobj)", "Parsing rows.", "Other."]
+    assert [s > 0 for s in units_bm25("And how do I write one?", api)] == [True, False, False]
+    assert [s > 0 for s in units_bm25("how to parse", api)] == [False, True, False]
+    assert units_bm25("how do I", api) == [0.0, 0.0, 0.0]
 
 
 def test_a_follow_up_answer_never_quotes_again_what_the_conversation_quoted(tiny_student_dir):

@@ -105,28 +105,53 @@ def split_passage(text: str, source: str = "", passage: int = 0, min_chars: int 
     return units
 
 
-def units_bm25(query: str, texts: Sequence[str]) -> list[float]:
+#: Question words that say nothing of the subject (the units' IDF weighs the rest).
+_QUESTION_WORDS = frozenset({
+    "a", "an", "and", "are", "can", "do", "does", "how", "i", "in", "is", "it", "its", "me",
+    "my", "of", "on", "one", "or", "the", "them", "this", "to", "what", "when", "where",
+    "which", "who", "why", "with", "you", "your"})
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words, identifiers split at dots and underscores ("csv.writer" -> csv, writer)."""
+    return re.findall(r"[a-z0-9]+", text.casefold())
+
+
+def _stem(word: str) -> str:
+    """A prefix that a word's forms share: write -> writ, parse -> pars, format -> forma."""
+    if word.endswith("e") and len(word) > 4:
+        word = word[:-1]
+    return word[:max(5, len(word) - 2)] if len(word) > 5 else word
+
+
+def units_bm25(query: str, texts: Sequence[str], k1: float = 1.2, b: float = 0.75) -> list[float]:
     """BM25 of each text for the query, the texts taken as the collection.
 
-    Qdrant's BM25 (the encoder hybrid search stores, ``sparse.BM25Encoder``) with its IDF
-    counted over these texts: within one answer's units, a word every unit shares (the
-    module's name) tells nothing, and the follow-up's own words ("write") tell most.
+    The IDF is counted over these texts: within one answer's units, a word every unit shares
+    (the module's name) tells nothing, and the follow-up's own words ("write") tell most. A
+    query word matches the unit words it begins (its first five letters and all but its last
+    two, less a final e, ``_stem``): "write" matches writer, writerow and writing, "format"
+    formatted and formatter, which a stemmer does not give for the API names that
+    documentation is made of.
     """
     import math
 
-    from llama_index_d2llm.sparse import BM25Encoder
-
-    encoder = BM25Encoder()
-    doc_indices, doc_values = encoder.encode_documents(texts)
-    query_indices = set(encoder.encode_queries([query])[0][0])
-    frequency: dict[int, int] = {}
-    for indices in doc_indices:
-        for index in set(indices) & query_indices:
-            frequency[index] = frequency.get(index, 0) + 1
-    count = len(texts)
-    idf = {t: math.log((count - df + 0.5) / (df + 0.5) + 1) for t, df in frequency.items()}
-    return [sum(idf[t] * v for t, v in zip(indices, values, strict=True) if t in idf)
-            for indices, values in zip(doc_indices, doc_values, strict=True)]
+    units = [_words(text) for text in texts]
+    if not units:
+        return []
+    stems = {_stem(w) for w in _words(query) if w not in _QUESTION_WORDS}
+    average = sum(map(len, units)) / len(units) or 1.0
+    counts = [{s: sum(1 for w in words if w.startswith(s)) for s in stems} for words in units]
+    scores = [0.0] * len(units)
+    for stem in stems:
+        df = sum(1 for c in counts if c[stem])
+        if not df:
+            continue
+        idf = math.log((len(units) - df + 0.5) / (df + 0.5) + 1)
+        for i, (words, c) in enumerate(zip(units, counts, strict=True)):
+            tf = c[stem]
+            scores[i] += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / average))
+    return scores
 
 
 def quote_key(text: str) -> str:
