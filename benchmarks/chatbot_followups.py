@@ -171,13 +171,20 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                                                             row["turns"][j], turns_back)
                                       for j in range(i)]})
     quoted_cache: dict[tuple[str, str], list[str]] = {}
+    searched: dict[str, Any] = {}
+
+    def search(query: str) -> Any:
+        """The chatbot's sources for a query, retrieved once (every scorer ranks the same)."""
+        if query not in searched:
+            searched[query] = chatbot.search(query)
+        return searched[query]
 
     def quoted_before(name: str, answerer: ExtractiveAnswerer, earlier: list[str]) -> set[str]:
         """What the chat quoted for the earlier turns: a follow-up does not quote it again."""
         keys: set[str] = set()
         for query in earlier:
             if (name, query) not in quoted_cache:
-                quoted_cache[name, query] = answerer.quote(query, chatbot.search(query),
+                quoted_cache[name, query] = answerer.quote(query, search(query),
                                                            keys)[1]
             keys.update(quoted_cache[name, query])
         return keys
@@ -185,7 +192,7 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     detail = []
     for case in cases:
-        sources = chatbot.search(case["query"])
+        sources = search(case["query"])
         units = variants["order"].candidates(sources)
         if not any(answers_question(u, case["markers"]) for u in units):
             counts["_"]["no answering unit in the sources"] += 1

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from bench_inference import load_student  # beside this script
+from kfold_eval import retrieve_times
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"
 
@@ -88,7 +89,7 @@ def bench_size(args: argparse.Namespace, size: int) -> dict:
     from llama_index.vector_stores.qdrant import QdrantVectorStore
     from qdrant_client import QdrantClient
 
-    from llama_index_d2llm import D2LLMEmbedding, D2LLMRetriever, D2LLMVectorStore
+    from llama_index_d2llm import D2LLMEmbedding, D2LLMVectorStore
     from llama_index_d2llm.provenance import record_student
 
     student = load_student(args.student, args.dtype)
@@ -115,15 +116,7 @@ def bench_size(args: argparse.Namespace, size: int) -> dict:
         result["disk_mb"] = sum(p.stat().st_size for p in Path(folder).rglob("*")
                                 if p.is_file()) / 2**20
         for mode in ("dense", "hybrid"):
-            retriever = D2LLMRetriever(vector_store=store, embed_model=embed,
-                                       similarity_top_k=args.top_k, top_n=10,
-                                       hybrid=mode == "hybrid")
-            retriever.retrieve(queries[0])  # warm-up
-            times = []
-            for query in queries:
-                start = time.perf_counter()
-                retriever.retrieve(query)
-                times.append(1000 * (time.perf_counter() - start))
+            times = retrieve_times(embed, store, queries, mode, args.top_k)
             result[f"{mode}_retrieve_ms"] = {"median": statistics.median(times),
                                              "p90": statistics.quantiles(times, n=10)[-1]}
         client.close()

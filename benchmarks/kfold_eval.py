@@ -138,11 +138,12 @@ def fusion_curve(candidates: dict[str, list], found: dict[str, tuple], qrels: di
     return curve
 
 
-def latency(embed, store, queries: list[str], stage: str) -> dict[str, float]:
-    """Median and quartiles of whole retrieve() calls (query encoding included), in ms."""
+def retrieve_times(embed, store, queries: list[str], stage: str,
+                   top_k: int = 100) -> list[float]:
+    """ms of each whole ``retrieve()`` call (query encoding included), after one warm-up."""
     from llama_index_d2llm.retriever import D2LLMRetriever
 
-    retriever = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=100,
+    retriever = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=top_k,
                                top_n=10, hybrid=stage == "hybrid")
     retriever.retrieve(queries[0])  # warm-up
     times = []
@@ -150,6 +151,12 @@ def latency(embed, store, queries: list[str], stage: str) -> dict[str, float]:
         start = time.perf_counter()
         retriever.retrieve(text)
         times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def latency(embed, store, queries: list[str], stage: str) -> dict[str, float]:
+    """Median and quartiles of whole retrieve() calls (query encoding included), in ms."""
+    times = retrieve_times(embed, store, queries, stage)
     quartiles = statistics.quantiles(times, n=4)
     return {"median_ms": statistics.median(times), "q1_ms": quartiles[0],
             "q3_ms": quartiles[2], "queries": len(times)}

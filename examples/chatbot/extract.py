@@ -167,10 +167,10 @@ class ExtractiveAnswerer:
     passages, ``z(cosine) + LEXICAL_WEIGHT * z(BM25)`` standardised over the units, with the
     BM25 of ``units_bm25``; ``iem`` scores them with the IEM (the student's own relevance
     judge), ``cosine`` with the cosine of the vectors, ``lexical`` with BM25 alone, ``order``
-    takes them in passage order (the baseline). benchmarks/chatbot_followups.py
-    --extractive measures each. The best ``sentences`` that are not
-    duplicates (the same words, or contained in one already chosen, as the overlap of two
-    chunks gives) are shown grouped by section, in the order they are written.
+    takes them in passage order (the baseline); ``benchmarks/chatbot_followups.py
+    --extractive`` measures each. The best ``sentences`` that are not duplicates (the same
+    words, or contained in one already chosen, as the overlap of two chunks gives) are shown
+    grouped by section, in the order they are written.
     """
 
     def __init__(self, embed: D2LLMEmbedding, sentences: int = DEFAULT_SENTENCES,
