@@ -59,7 +59,10 @@ def test_distill_beir_with_a_real_teacher_then_eval(tmp_path, beir, tiny_backbon
     saved = DistillConfig.from_json_file(output / DISTILL_CONFIG_NAME)
     assert saved.teacher == tiny_backbone and saved.seed == 3 and saved.max_steps == 3
     assert saved.frozen_backbone is True  # resolved: this machine runs on CPU
-    capsys.readouterr()
+    timings = json.loads((output / "training_summary.json").read_text())["timings"]
+    assert {"load_s", "mining_s", "teacher_s", "token_states_s", "training_s"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert "time by stage (min): " in capsys.readouterr().out
 
     metrics_file = tmp_path / "metrics.json"
     code = cli.main(["eval", str(output), "--data", str(beir), "--split", "train", "--bm25",

@@ -278,6 +278,17 @@ def test_student_negatives_default_to_on_for_judged_queries_only():
     assert resolve_config(chosen).student_negatives == 0
 
 
+def test_teacher_prompts_are_short_on_a_cpu_unless_chosen():
+    from llama_index_d2llm.trainer.distill import default_teacher_max_length
+
+    assert resolve_config(DistillConfig(corpus="d", device="cpu")).teacher_max_length == 128
+    assert default_teacher_max_length(torch.device("cuda")) == 512
+    chosen = DistillConfig(corpus="d", device="cpu", teacher_max_length=384)
+    assert resolve_config(chosen).teacher_max_length == 384
+    with pytest.raises(ConfigError, match="teacher-max-length"):
+        DistillConfig(corpus="d", teacher_max_length=0)
+
+
 def test_the_default_backbone_keeps_its_measured_best_depth():
     from llama_index_d2llm.student.backbone import DEFAULT_BACKBONE_LAYERS
 

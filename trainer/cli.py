@@ -24,6 +24,7 @@ from llama_index_d2llm.student.errors import D2LLMError
 from llama_index_d2llm.trainer.config import ConfigError, DistillConfig
 from llama_index_d2llm.trainer.losses import LossWeights
 from llama_index_d2llm.trainer.options import add_settings
+from llama_index_d2llm.trainer.paths import SUMMARY_NAME
 
 logger = logging.getLogger("llama_index_d2llm")
 
@@ -168,7 +169,17 @@ def _run_distill(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     output = distill(config)
     print(f"distilled student written to {output}")
+    print(stage_times(output))
     return 0
+
+
+def stage_times(student_dir: Path) -> str:
+    """One line of where a distillation's time went, from its ``training_summary.json``."""
+    timings = json.loads((Path(student_dir) / SUMMARY_NAME).read_text()).get("timings", {})
+    parts = [f"{name[:-2].replace('_', ' ')} {seconds / 60:.1f}"
+             for name, seconds in timings.items() if seconds >= 0.05]
+    total = sum(timings.values()) / 60
+    return f"time by stage (min): {', '.join(parts)}; total {total:.1f}"
 
 
 def _run_eval(args: argparse.Namespace) -> int:

@@ -136,6 +136,7 @@ class DistillationTrainer:
         self.dev_ranking = DevRanking.build(self.dev_items, texts, config.seed)
         self.stopping_metric = DEV_METRIC if self.dev_ranking else CANDIDATE_LIST_METRIC
         self.token_cache = token_cache
+        self.timings: dict[str, float] = {}  # seconds of the stages inside train()
         self.step_callback = step_callback
         self.accelerator = accelerator or make_accelerator(config)
         if token_cache is not None:
@@ -185,9 +186,11 @@ class DistillationTrainer:
             passages |= set(self.texts)  # the student searches the whole corpus for them
         if self.dev_ranking is not None:
             passages |= set(self.dev_ranking.passage_ids)
+        start = time.perf_counter()
         with self.accelerator.main_process_first():
             self.token_cache.ensure(queries, "query")
             self.token_cache.ensure(sorted(self.texts[pid] for pid in passages), "passage")
+        self.timings["token_states_s"] = time.perf_counter() - start
 
     def _start(self, resume_from: Path | None) -> _Run:
         """Prepare model, optimizer and scheduler; restore them from ``resume_from`` if given."""
