@@ -13,9 +13,16 @@ on its own, in the order the retriever runs them:
 - ``build_nodes``: turning its points into LlamaIndex nodes with their vectors;
 - ``bm25_scores`` (hybrid): the second, id-filtered sparse query for the candidates' BM25;
 - ``rescore``: the fusion, with the IEM when the student weighs it;
-- ``retrieve``: one whole ``retrieve`` call, for comparison with the sum.
+- ``retrieve``: one whole ``retrieve`` call, for comparison with the sum;
+- ``bm25``: Qdrant's BM25 alone (the sparse query, encoded and searched, with payloads), the
+  lexical first stage a user would otherwise run.
 
-Medians (and 90th percentiles) in ms, written to ``--output``.
+Medians (and 90th percentiles) in ms, written to ``--output``. Every claim is encoded once
+before the timing: the first query of each new length pays for compiling its CPU kernels
+(about 50 ms more per query with bf16 here), which a running service has long paid.
+With ``--teacher-queries N``, the teacher (the distiller's default for the device) also scores
+the top ``top_k`` candidates of N claims, as an LLM cross-encoder would have to at query time:
+the ratio of its median to ``retrieve``'s is what D2LLM saves.
 """
 
 from __future__ import annotations
@@ -33,6 +40,27 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     value = fn(*args, **kwargs)
     return value, 1000 * (time.perf_counter() - start)
+
+
+def teacher_cost(store, embed, claims: list[str], top_k: int, max_length: int | None) -> dict:
+    """The teacher (the distiller's default) scoring each claim's ``top_k`` candidates, as a
+    cross-encoder would have to at query time: the cost D2LLM exists to avoid."""
+    from llama_index_d2llm import D2LLMRetriever
+    from llama_index_d2llm.trainer.distill import default_teacher_max_length
+    from llama_index_d2llm.trainer.teacher import Teacher
+
+    length = max_length or default_teacher_max_length(embed.student.device)
+    teacher = Teacher.from_pretrained(None, max_length=length, dtype=embed.student.backbone_dtype)
+    candidates = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=top_k,
+                                top_n=top_k, hybrid=False)
+    times = []
+    for claim in claims:
+        passages = [hit.node.get_content() for hit in candidates.retrieve(claim)]
+        _, ms = timed(teacher.score, [claim] * len(passages), passages)
+        times.append(ms)
+    return {"max_length": length, "mode": teacher.mode, "passages": top_k,
+            "median_ms": round(statistics.median(times), 1),
+            "runs_ms": [round(t, 1) for t in times]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,9 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--teacher-queries", type=int, default=3,
+                        help="claims whose top_k candidates the teacher also scores (0: none)")
+    parser.add_argument("--teacher-max-length", type=int, default=None,
+                        help="default: the distiller's teacher default")
     parser.add_argument("--output", type=Path,
                         default=Path("benchmarks/results/retriever-latency-cpu.json"))
     args = parser.parse_args(argv)
+    command = "python benchmarks/retriever_latency.py " + " ".join(argv or [])
 
     claims = [json.loads(line)["text"]
               for line in (args.data / "queries.jsonl").read_text().splitlines()]
@@ -67,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     student = D2LLMStudent.from_pretrained(args.student, dtype=args.dtype)
     embed = D2LLMEmbedding.from_student(student)
     client = QdrantClient(path=str(args.qdrant_path))
-    result: dict = {"student": str(args.student), "queries": len(claims),
+    result: dict = {"command": command, "student": str(args.student), "queries": len(claims),
                     "top_k": args.top_k, "dtype": str(student.backbone_dtype),
                     "fusion": {s: (None if w is None else w.to_dict())
                                for s, w in ((s, student.fusion(s)) for s in ("dense", "hybrid"))}}
@@ -75,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         store = D2LLMVectorStore(args.collection, embed, client=client)
         info = describe_collection(store)
         result["points"] = client.count(args.collection).count
+        for claim in claims:  # warm-up: the CPU kernels of every query length, compiled once
+            embed.get_query_embedding(claim)
         for stage in ("dense", "hybrid"):
             retriever = D2LLMRetriever(vector_store=store, embed_model=embed,
                                        similarity_top_k=args.top_k, top_n=10,
@@ -106,6 +141,24 @@ def main(argv: list[str] | None = None) -> dict:
                                     "p90_ms": round(statistics.quantiles(v, n=10)[-1], 2)}
                              for part, v in parts.items()}
             print(stage, {p: v["median_ms"] for p, v in result[stage].items()}, flush=True)
+        # BM25 alone through the same collection, the lexical first stage on its own
+        parts = {"retrieve": []}
+        for claim in claims:
+            start = time.perf_counter()
+            client.query_points(args.collection, query=sparse_query(store, claim),
+                                using=info.sparse_name, limit=args.top_k, with_payload=True)
+            parts["retrieve"].append(1000 * (time.perf_counter() - start))
+        result["bm25"] = {part: {"median_ms": round(statistics.median(v), 2),
+                                 "p90_ms": round(statistics.quantiles(v, n=10)[-1], 2)}
+                          for part, v in parts.items()}
+        print("bm25", result["bm25"]["retrieve"], flush=True)
+        if args.teacher_queries:
+            result["teacher"] = teacher_cost(store, embed, claims[:args.teacher_queries],
+                                             args.top_k, args.teacher_max_length)
+            for stage in ("dense", "hybrid"):
+                result["teacher"][f"vs_{stage}_retrieve"] = round(
+                    result["teacher"]["median_ms"] / result[stage]["retrieve"]["median_ms"], 1)
+            print("teacher", result["teacher"], flush=True)
     finally:
         client.close()
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -114,4 +167,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
