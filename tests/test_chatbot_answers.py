@@ -27,7 +27,7 @@ from examples.chatbot.answer import (
 )
 from examples.chatbot.condense import condense_with_history
 from examples.chatbot.core import ChatbotError, ChatbotOptions, Source, build_chatbot
-from examples.chatbot.extract import units_bm25
+from examples.chatbot.extract import quote_key, repeats, units_bm25, word_runs
 from examples.chatbot.repetition import NoRepeatInReply, RepetitionGuard, guard_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,6 +335,20 @@ def test_extractive_answer_quotes_dedups_and_names_sources(tiny_student_dir):
         "The retrieved passages hold no sentence to quote; see the sources below."]
     with pytest.raises(ValueError, match="scorer must be one of"):
         ExtractiveAnswerer(embed, scorer="bm25")
+
+
+def test_units_cut_differently_from_one_table_are_not_quoted_twice():
+    """The quickstart showed "compile Compile a pattern ... purge Clear the regular expression
+    cache." and then the same words again with "escape ..." added: neither contains the other."""
+    first = quote_key("match Match a pattern. compile Compile a pattern into a Pattern "
+                      "object. purge Clear the regular expression cache.")
+    again = quote_key("compile Compile a pattern into a Pattern object. purge Clear the "
+                      "regular expression cache. escape Backslash all non-alphanumerics.")
+    other = quote_key("Return a list of all non-overlapping matches in the string.")
+    assert repeats(again, [first], word_runs(first))
+    assert not repeats(other, [first], word_runs(first))
+    assert repeats(quote_key("purge Clear the regular"), [first], word_runs(first))  # inside
+    assert not repeats(quote_key("Pattern objects"), [first], word_runs(first))
 
 
 def test_units_bm25_weighs_the_words_that_tell_units_apart():

@@ -159,6 +159,22 @@ def quote_key(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.casefold()))
 
 
+def word_runs(key: str, size: int = 5) -> set[str]:
+    """The runs of ``size`` consecutive words of a quote key (the whole key when shorter)."""
+    words = key.split()
+    return {" ".join(words[i:i + size]) for i in range(max(1, len(words) - size + 1))}
+
+
+def repeats(key: str, seen: Sequence[str], seen_runs: set[str]) -> bool:
+    """True when a unit would show again what is shown: the same words, words contained in
+    a chosen unit (or containing one), or half its 5-word runs already shown (two units cut
+    differently from the same table or list, as overlapping chunks give)."""
+    if not key or any(key in other or other in key for other in seen):
+        return True
+    runs = word_runs(key)
+    return 2 * len(runs & seen_runs) >= len(runs)
+
+
 class ExtractiveAnswerer:
     """The sentences of the sources that best answer a query, ranked by the student.
 
@@ -168,9 +184,8 @@ class ExtractiveAnswerer:
     BM25 of ``units_bm25``; ``iem`` scores them with the IEM (the student's own relevance
     judge), ``cosine`` with the cosine of the vectors, ``lexical`` with BM25 alone, ``order``
     takes them in passage order (the baseline); ``benchmarks/chatbot_followups.py
-    --extractive`` measures each. The best ``sentences`` that are not duplicates (the same
-    words, or contained in one already chosen, as the overlap of two chunks gives) are shown
-    grouped by section, in the order they are written.
+    --extractive`` measures each. The best ``sentences`` that repeat nothing already chosen
+    (``repeats``) are shown grouped by section, in the order they are written.
     """
 
     def __init__(self, embed: D2LLMEmbedding, sentences: int = DEFAULT_SENTENCES,
@@ -224,11 +239,13 @@ class ExtractiveAnswerer:
         order = sorted(range(len(units)), key=lambda i: (-scores[i], i))
         kept: list[Candidate] = []
         seen: list[str] = []
+        seen_runs: set[str] = set()
         for i in order:
             key = quote_key(units[i].text)
-            if not key or any(key in other or other in key for other in seen):
+            if repeats(key, seen, seen_runs):
                 continue
             seen.append(key)
+            seen_runs |= word_runs(key)
             kept.append(units[i])
         return kept
 
