@@ -18,8 +18,9 @@ on its own, in the order the retriever runs them:
   lexical first stage a user would otherwise run.
 
 Medians (and 90th percentiles) in ms, written to ``--output``. Every claim is encoded once
-before the timing: the first query of each new length pays for compiling its CPU kernels
-(about 50 ms more per query with bf16 here), which a running service has long paid.
+before the timing, so that no part pays for the first query of a length. On a 2-core CPU,
+run it with ``OPENBLAS_NUM_THREADS=1``: the embedded Qdrant searches with numpy, whose
+spinning OpenBLAS threads otherwise take a core from the query encoder (the README's figures).
 With ``--teacher-queries N``, the teacher (the distiller's default for the device) also scores
 the top ``top_k`` candidates of N claims, as an LLM cross-encoder would have to at query time:
 the ratio of its median to ``retrieve``'s is what D2LLM saves.
@@ -40,6 +41,13 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     value = fn(*args, **kwargs)
     return value, 1000 * (time.perf_counter() - start)
+
+
+def summary(parts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median and 90th percentile of each part's times, in ms."""
+    return {part: {"median_ms": round(statistics.median(v), 2),
+                   "p90_ms": round(statistics.quantiles(v, n=10)[-1], 2)}
+            for part, v in parts.items()}
 
 
 def teacher_cost(store, embed, claims: list[str], top_k: int, max_length: int | None) -> dict:
@@ -137,20 +145,16 @@ def main(argv: list[str] | None = None) -> dict:
                 parts.setdefault("rescore", []).append(ms)
                 _, ms = timed(retriever.retrieve, claim)
                 parts.setdefault("retrieve", []).append(ms)
-            result[stage] = {part: {"median_ms": round(statistics.median(v), 2),
-                                    "p90_ms": round(statistics.quantiles(v, n=10)[-1], 2)}
-                             for part, v in parts.items()}
+            result[stage] = summary(parts)
             print(stage, {p: v["median_ms"] for p, v in result[stage].items()}, flush=True)
         # BM25 alone through the same collection, the lexical first stage on its own
-        parts = {"retrieve": []}
+        times = []
         for claim in claims:
             start = time.perf_counter()
             client.query_points(args.collection, query=sparse_query(store, claim),
                                 using=info.sparse_name, limit=args.top_k, with_payload=True)
-            parts["retrieve"].append(1000 * (time.perf_counter() - start))
-        result["bm25"] = {part: {"median_ms": round(statistics.median(v), 2),
-                                 "p90_ms": round(statistics.quantiles(v, n=10)[-1], 2)}
-                          for part, v in parts.items()}
+            times.append(1000 * (time.perf_counter() - start))
+        result["bm25"] = summary({"retrieve": times})
         print("bm25", result["bm25"]["retrieve"], flush=True)
         if args.teacher_queries:
             result["teacher"] = teacher_cost(store, embed, claims[:args.teacher_queries],

@@ -109,10 +109,10 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
                         "every pair")
         for name in imitation:
             setattr(config.losses, name, 0.0)
+    device = resolve_device(config.device)
     if config.teacher_max_length is None:
-        config.teacher_max_length = default_teacher_max_length(resolve_device(config.device))
+        config.teacher_max_length = default_teacher_max_length(device)
     if config.frozen_backbone is None:
-        device = resolve_device(config.device)
         config.frozen_backbone = device.type == "cpu"
         logger.info("%s backbone on %s (pass --frozen-backbone/--no-frozen-backbone to choose)",
                     "frozen" if config.frozen_backbone else "LoRA-tuned", device.type)
