@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -25,6 +26,11 @@ import time
 from pathlib import Path
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+
+
+def relative(argument: str) -> str:
+    """A path argument relative to the working directory, as a user would type it."""
+    return os.path.relpath(argument) if os.path.isabs(argument) else argument
 
 
 def run_recipe(name: str, options: str, data: Path, work: Path) -> dict:
@@ -46,7 +52,7 @@ def run_recipe(name: str, options: str, data: Path, work: Path) -> dict:
     summary = json.loads((output / "training_summary.json").read_text())
     dev = [line.strip() for line in log.read_text().splitlines()
            if line.strip().startswith(("dense ", "hybrid "))]
-    return {"recipe": name, "options": options, "command": shlex.join(command),
+    return {"recipe": name, "options": options, "command": shlex.join(map(relative, command)),
             "seconds": round(seconds, 1),
             "stages": {key: round(value, 1) for key, value in summary["timings"].items()},
             "data": summary.get("data", {}), "dev_ranking": dev}

@@ -216,6 +216,35 @@ def test_collate_masks_other_positives_of_the_same_query(tmp_path, beir, tiny_ba
         assert not set(easy[item.id]) & set(item.positive_ids + item.hard_negative_ids)
 
 
+class PairCountingTeacher(OverlapTeacher):
+    """An OverlapTeacher that keeps every (query, passage) pair it was asked to score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: set[tuple[str, str]] = set()
+
+    def score(self, queries, passages, task="asymmetric", show_progress=False):
+        self.pairs.update(zip(queries, passages, strict=True))
+        return super().score(queries, passages, task, show_progress)
+
+
+@pytest.mark.parametrize("scored", [False, True])
+def test_easy_negatives_cost_a_teacher_call_only_when_asked(tmp_path, beir, tiny_backbone,
+                                                            scored):
+    config = make_config(tmp_path, beir, tiny_backbone, teacher_scores_easy_negatives=scored)
+    teacher = PairCountingTeacher()
+    data = prepare_data(resolve_config(config), teacher=teacher)
+    easy_pairs = {(e.query, data.texts[pid]) for e in data.examples for pid in e.easy_ids}
+    listed = {(e.query, data.texts[pid]) for e in data.examples for pid in e.candidate_ids}
+    assert easy_pairs and listed <= teacher.pairs
+    assert (easy_pairs <= teacher.pairs) is scored
+    if not scored:
+        assert not easy_pairs & teacher.pairs
+        assert all(e.easy_probs.eq(0).all() for e in data.examples)
+    else:
+        assert any(e.easy_probs.gt(0).any() for e in data.examples)
+
+
 def test_token_state_cache_is_reused_and_keyed_by_backbone(tmp_path, tiny_backbone):
     from tests.tiny_models import build_tiny_causal_lm
 

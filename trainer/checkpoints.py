@@ -33,7 +33,8 @@ KEEP_CHECKPOINTS = 2
 # Settings a checkpoint must share with the run that resumes it: they shape the trajectory.
 RESUME_KEYS = (
     "corpus", "queries", "qrels", "pairs", "dev_fraction", "queries_per_passage",
-    "max_generated_passages", "num_negatives", "num_easy_negatives", "pair_min_score", "teacher",
+    "max_generated_passages", "num_negatives", "num_easy_negatives",
+    "teacher_scores_easy_negatives", "pair_min_score", "teacher",
     "teacher_mode", "student", "backbone_layers", "iem_cosine_skip", "frozen_backbone",
     "tune_top_layers", "student_negatives", "student_negatives_depth", "student_negatives_from",
     "lora_r", "lora_alpha",

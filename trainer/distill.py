@@ -162,7 +162,8 @@ def prepare_data(config: DistillConfig, *, teacher: Any = None,
         examples = build_examples(train_items, texts, teacher, num_easy_negatives=easy,
                                   seed=config.seed,
                                   with_features=config.losses.needs_teacher_features,
-                                  show_progress=show)
+                                  show_progress=show,
+                                  teacher_scores_easy_negatives=config.teacher_scores_easy_negatives)
         timings["teacher_s"] = time.perf_counter() - start
     finally:
         if owns_teacher:
