@@ -18,9 +18,10 @@ on its own, in the order the retriever runs them:
   lexical first stage a user would otherwise run.
 
 Medians (and 90th percentiles) in ms, written to ``--output``. Every claim is encoded once
-before the timing, so that no part pays for the first query of a length. On a 2-core CPU,
-run it with ``OPENBLAS_NUM_THREADS=1``: the embedded Qdrant searches with numpy, whose
-spinning OpenBLAS threads otherwise take a core from the query encoder (the README's figures).
+before the timing, so that no part pays for the first query of a length. The Qdrant calls go
+through the retriever's own ``ClientCall``, so they run with one BLAS thread in local mode as
+``retrieve``'s do (``llama_index_d2llm/threads.py``: numpy's spinning OpenBLAS threads had
+taken a core from the query encoder on 2 cores).
 With ``--teacher-queries N``, the teacher (the distiller's default for the device) also scores
 the top ``top_k`` candidates of N claims, as an LLM cross-encoder would have to at query time:
 the ratio of its median to ``retrieve``'s is what D2LLM saves.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         lexical_scores,
         sparse_query,
     )
-    from llama_index_d2llm.flows import _sync_client
+    from llama_index_d2llm.flows import ClientCall, _sync_client
     from llama_index_d2llm.store import D2LLMVectorStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     client = QdrantClient(path=str(args.qdrant_path))
     result: dict = {"command": command, "student": str(args.student), "queries": len(claims),
                     "top_k": args.top_k, "dtype": str(student.backbone_dtype),
+                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
                     "fusion": {s: (None if w is None else w.to_dict())
                                for s, w in ((s, student.fusion(s)) for s in ("dense", "hybrid"))}}
     try:
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
                 sparse = sparse_query(store, claim) if stage == "hybrid" else None
                 request = _search_request(store, query, args.top_k, info, None, None, None,
                                           sparse)
-                response, ms = timed(_sync_client(store).query_points, **request)
+                response, ms = timed(ClientCall("query_points", kwargs=request).call,
+                                     _sync_client(store))
                 parts.setdefault("qdrant_search", []).append(ms)
                 hits, ms = timed(_hits, store, response.points, info)
                 parts.setdefault("build_nodes", []).append(ms)
@@ -151,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         times = []
         for claim in claims:
             start = time.perf_counter()
-            client.query_points(args.collection, query=sparse_query(store, claim),
-                                using=info.sparse_name, limit=args.top_k, with_payload=True)
+            ClientCall("query_points", kwargs=dict(
+                collection_name=args.collection, query=sparse_query(store, claim),
+                using=info.sparse_name, limit=args.top_k, with_payload=True)).call(client)
             times.append(1000 * (time.perf_counter() - start))
         result["bm25"] = summary({"retrieve": times})
         print("bm25", result["bm25"]["retrieve"], flush=True)

@@ -4,7 +4,8 @@ An operation is a *flow*: a generator that yields the client calls it needs
 (:class:`ClientCall`, or :class:`LocalWork` for CPU work such as re-encoding) and gets their
 answers back. :func:`run` answers them with the store's ``QdrantClient``; :func:`arun` with
 its ``AsyncQdrantClient``, or, when the store has none, runs the whole flow on the sync client
-in a worker thread. A call that fails raises inside the flow, where ``try`` can catch it. So
+in a worker thread. A call into an embedded Qdrant runs with one BLAS thread (``threads.py``).
+A call that fails raises inside the flow, where ``try`` can catch it. So
 the check "which student built this collection" and every read exist once, and the sync and
 async APIs cannot drift apart.
 """
@@ -15,6 +16,8 @@ import asyncio
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from llama_index_d2llm.threads import single_blas_thread
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.vector_stores.qdrant import QdrantVectorStore
@@ -31,10 +34,12 @@ class ClientCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def call(self, client: Any) -> Any:
-        return getattr(client, self.method)(*self.args, **self.kwargs)
+        with single_blas_thread(client):
+            return getattr(client, self.method)(*self.args, **self.kwargs)
 
     async def acall(self, aclient: Any) -> Any:
-        return await getattr(aclient, self.method)(*self.args, **self.kwargs)
+        with single_blas_thread(aclient):
+            return await getattr(aclient, self.method)(*self.args, **self.kwargs)
 
 
 @dataclass(frozen=True)

@@ -244,3 +244,27 @@ def test_record_is_durable_in_an_on_disk_collection(embed, tmp_path, monkeypatch
                                    torch.tensor([h.score for h in first]))
     finally:
         client.close()
+
+
+def test_the_embedded_search_runs_with_one_blas_thread(embed, indexed, monkeypatch):
+    """numpy's spinning BLAS threads would take a core from the next query's encoding."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    store = indexed[1]
+    seen: list[set[int]] = []
+    query_points = store.client.query_points
+
+    def recording(*args, **kwargs):
+        seen.append(blas_threads())
+        return query_points(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "query_points", recording)
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip("no BLAS library that threadpoolctl can set")
+        hits = D2LLMRetriever(index=indexed[0], similarity_top_k=3, top_n=3).retrieve(QUERY)
+        assert blas_threads() == {2}
+    assert hits and seen and all(threads == {1} for threads in seen)
