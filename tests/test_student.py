@@ -243,3 +243,25 @@ def test_the_cpu_dtype_probe_is_decided_once_per_machine(tmp_path, monkeypatch):
     backbone.cpu_has_fast_bf16.cache_clear()
     assert seen == [True, True, True]
     assert (tmp_path / "cpu-dtype.json").exists()
+
+
+def test_eval_mode_restores_training_and_leaves_an_evaluating_model_alone():
+    from torch import nn
+
+    from llama_index_d2llm.student.modes import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model.train()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("an error inside the block")
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model[1].train()  # one submodule still training: the block must not see it
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules())
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
