@@ -148,6 +148,23 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path, beir, tiny_ba
         distill(changed, teacher=OverlapTeacher())
 
 
+def test_a_checkpoint_from_before_the_easy_negative_switch_resumes_only_its_own_recipe(
+        tmp_path, beir, tiny_backbone):
+    from llama_index_d2llm.trainer.checkpoints import read_checkpoint_state
+
+    config = make_config(tmp_path, beir, tiny_backbone, max_steps=2, checkpoint_every=1)
+    distill(config, teacher=OverlapTeacher())
+    checkpoint = list_checkpoints(config.work_path / "checkpoints")[-1]
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["teacher_scores_easy_negatives"]  # as written before the switch
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"\(teacher_scores_easy_negatives: True -> False\)"):
+        read_checkpoint_state(checkpoint, resolve_config(config))
+    old_recipe = make_config(tmp_path, beir, tiny_backbone, teacher_scores_easy_negatives=True)
+    assert read_checkpoint_state(checkpoint, resolve_config(old_recipe))["config"]
+
+
 def test_same_seed_same_student_other_seed_other_student(tmp_path, beir, tiny_backbone):
     def fingerprint(name: str, seed: int) -> str:
         config = make_config(tmp_path, beir, tiny_backbone, name=name, seed=seed, max_steps=3)

@@ -30,6 +30,9 @@ BEST_NAME = "best.safetensors"
 STUDENT_DIR = "student"
 STATE_FORMAT = "d2llm-trainer-state-v1"
 KEEP_CHECKPOINTS = 2
+# What runs did before a setting existed, where that differs from its default: until the
+# switch came, the teacher scored the easy negatives.
+BEFORE_THEIR_SETTING = {"teacher_scores_easy_negatives": True}
 # Settings a checkpoint must share with the run that resumes it: they shape the trajectory.
 RESUME_KEYS = (
     "corpus", "queries", "qrels", "pairs", "dev_fraction", "queries_per_passage",
@@ -113,12 +116,14 @@ def read_checkpoint_state(path: Path, config: DistillConfig) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} was written by another version "
                               f"({state.get('format')!r}): run without --resume to start over")
     saved, current = state.get("config", {}), config.to_dict()
-    # a setting added after the checkpoint was written had its default then
-    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    # a setting added after the checkpoint was written had its default then, except where
+    # the behaviour it names was another one then
+    defaults = {f.name: f.default for f in fields(DistillConfig)} | BEFORE_THEIR_SETTING
     changed = [key for key in RESUME_KEYS
                if saved.get(key, defaults.get(key)) != current.get(key)]
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+        details = ", ".join(f"{k}: {saved.get(k, defaults.get(k))!r} -> {current.get(k)!r}"
+                            for k in changed[:4])
         raise ConfigError(
             f"cannot resume from {str(path)!r}: it was trained with other settings ({details}). "
             "Restore those settings, or run without --resume to start over"
