@@ -15,12 +15,14 @@ Qdrant server are not affected.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 _LOCAL_CLIENTS = frozenset({"QdrantLocal", "AsyncQdrantLocal"})
 _controller: Any = None
+_modules_when_built = -1
 _controller_lock = threading.Lock()
 
 
@@ -30,13 +32,16 @@ def is_local_client(client: Any) -> bool:
 
 
 def _blas_controller() -> Any:
-    """A threadpoolctl controller, built once: finding the loaded libraries takes a few ms."""
-    global _controller
+    """A threadpoolctl controller of the libraries loaded now. Finding them takes a few ms, so
+    it is rebuilt only after new modules were imported: a BLAS library arrives with one (scipy
+    brings its own OpenBLAS beside numpy's), and a serving process soon imports nothing new."""
+    global _controller, _modules_when_built
     with _controller_lock:
-        if _controller is None:
+        if _controller is None or len(sys.modules) != _modules_when_built:
             from threadpoolctl import ThreadpoolController
 
             _controller = ThreadpoolController()
+            _modules_when_built = len(sys.modules)
         return _controller
 
 

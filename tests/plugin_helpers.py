@@ -118,3 +118,10 @@ def hybrid_store(embed: Any, client: Any = None, collection: str = "docs", **kwa
 
     return D2LLMVectorStore(collection, embed, client=client or QdrantClient(":memory:"),
                             **kwargs)
+
+
+def blas_threads() -> set[int]:
+    """The thread counts of the BLAS libraries loaded in this process (threadpoolctl's view)."""
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}

@@ -20,6 +20,7 @@ from tests.plugin_helpers import (
     QUERY,
     TEXTS,
     VECTOR_LAYOUTS,
+    blas_threads,
     build_index,
     count_encodes,
     direct_scores,
@@ -248,10 +249,7 @@ def test_record_is_durable_in_an_on_disk_collection(embed, tmp_path, monkeypatch
 
 def test_the_embedded_search_runs_with_one_blas_thread(embed, indexed, monkeypatch):
     """numpy's spinning BLAS threads would take a core from the next query's encoding."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    def blas_threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    from threadpoolctl import threadpool_limits
 
     store = indexed[1]
     seen: list[set[int]] = []

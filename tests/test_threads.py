@@ -8,14 +8,11 @@ import asyncio
 import numpy  # noqa: F401  (loads the BLAS that the limit acts on)
 import pytest
 from qdrant_client import AsyncQdrantClient, QdrantClient
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from llama_index_d2llm.flows import ClientCall
 from llama_index_d2llm.threads import is_local_client
-
-
-def blas_threads() -> set[int]:
-    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+from tests.plugin_helpers import blas_threads
 
 
 @pytest.fixture

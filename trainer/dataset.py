@@ -293,22 +293,21 @@ def build_examples(items: Sequence[RankingItem], texts: dict[str, str],
     which is all feature imitation needs. With no teacher (``--teacher none``) the judgements
     label the pairs: probability 1 for a positive, 0 otherwise (logit +-``LABEL_LOGIT``).
 
-    Easy negatives (passages of other queries) get probability 0 without a teacher call unless
-    ``teacher_scores_easy_negatives`` (the paper's recipe): they only feed the hard-vs-easy
-    rank loss, weighted 0.01, and scoring them was a fifth of the teacher's pairs on a CPU.
+    Easy negatives (passages of other queries) are labelled irrelevant, as the judgements
+    would label them, unless ``teacher_scores_easy_negatives`` (the paper's recipe): they only
+    feed the hard-vs-easy rank loss, weighted 0.01, and scoring them was a fifth of the
+    teacher's pairs on a CPU.
     """
     easy = sample_easy_negatives(items, num_easy_negatives, seed)
+    score_easy = teacher is not None and teacher_scores_easy_negatives
     wanted: dict[str, dict[tuple[str, str], int]] = {}
     for item in items:
         pairs = wanted.setdefault(item.task, {})
-        scored = item.positive_ids + item.hard_negative_ids
-        if teacher_scores_easy_negatives or teacher is None:
-            scored = scored + easy[item.id]
+        scored = item.positive_ids + item.hard_negative_ids + (easy[item.id] if score_easy else [])
         for pid in scored:
             pairs.setdefault((item.id, pid), len(pairs))
     scores: dict[tuple[str, str], tuple[float, float, torch.Tensor]] = {}
-    unscored = ((-LABEL_LOGIT, 0.0, None) if teacher is not None and
-                not teacher_scores_easy_negatives else None)
+    irrelevant = (-LABEL_LOGIT, 0.0, None)
     item_texts = {item.id: item.text for item in items}
     for task, pairs in wanted.items():
         keys = list(pairs)
@@ -329,7 +328,8 @@ def build_examples(items: Sequence[RankingItem], texts: dict[str, str],
         for positive in item.positive_ids:
             candidates = [positive, *item.hard_negative_ids]
             rows = [scores[(item.id, pid)] for pid in candidates]
-            easy_rows = [scores.get((item.id, pid), unscored) for pid in easy[item.id]]
+            easy_rows = [scores[(item.id, pid)] if score_easy else irrelevant
+                         for pid in easy[item.id]]
             cosines = None
             if with_features and all(row[2] is not None for row in rows):
                 cosines = cosine_matrix(torch.stack([row[2].float() for row in rows]))
