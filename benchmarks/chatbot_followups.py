@@ -21,7 +21,9 @@ it and strings that mark the sections answering it. Two measurements:
    its default BM25 weight and at 0.25, 0.5 and 2; IEM; cosine; BM25; passage order), with
    the section heading in the embedded text (and without, ``--ablate-heading``), and for
    follow-ups ranked against the condensed query or the follow-up alone. As in the chat, a
-   follow-up's ranking leaves out the units each scorer quoted for the earlier turns.
+   follow-up's ranking leaves out the units each scorer quoted for the earlier turns. Then
+   the quoting floor (``fusion-margin-M``: a unit is quoted only within M standard deviations
+   of the best): how many of the quoted units answer (precision) and how many are quoted.
 
 The ``llm`` condition generates with the 270M model on the CPU: about a minute a
 conversation on 2 cores. ``--conditions`` chooses.
@@ -45,13 +47,15 @@ if str(REPO) not in sys.path:  # run as a script: make `examples` importable
 from examples.chatbot.answer import ExtractiveAnswerer  # noqa: E402
 from examples.chatbot.condense import condense_with_history  # noqa: E402
 from examples.chatbot.core import Chatbot, ChatbotOptions, open_index  # noqa: E402
-from examples.chatbot.extract import SCORERS, quote_key  # noqa: E402
+from examples.chatbot.extract import SCORERS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONVERSATIONS = HERE / "chatbot_followups.jsonl"
 SAMPLE = REPO / "examples" / "sample_corpus" / "python_stdlib"
 CONDITIONS = ("alone", "history-1", "history-2", "llm")
 FUSION_WEIGHTS = (0.25, 0.5, 2.0)
+#: The fusion scorer's quoting floor (``ExtractiveAnswerer(margin=)``); "fusion" has none.
+MARGINS = (0.5, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 
 def load_conversations(path: Path = CONVERSATIONS) -> list[dict[str, Any]]:
@@ -148,16 +152,21 @@ def _memoise_encode(student: Any) -> None:
 
 def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                ablate_heading: bool = False) -> dict[str, Any]:
-    """Per scorer: hit@1 / hit@3 of answering units among the ranked units of the sources."""
+    """Per scorer: hit@1 / hit@3 of answering units among the units it quotes (up to 3), the
+    share of its quoted units that answer (precision), and how many it quotes."""
     embed = chatbot.documents.embed
     _memoise_encode(embed.student)  # the variants embed the same units: once is enough
+    # The scorers compared by their ranking: each quotes its best 3, without a floor.
     variants = {f"{scorer}{'' if heading else '-no-heading'}":
-                ExtractiveAnswerer(embed, scorer=scorer, with_heading=heading)
+                ExtractiveAnswerer(embed, scorer=scorer, with_heading=heading, margin=None)
                 for scorer in SCORERS for heading in (True, False)
                 if heading or (ablate_heading and scorer != "order")}
     for weight in FUSION_WEIGHTS:  # the fusion's BM25 weight, around the default
         variants[f"fusion-{weight:g}"] = ExtractiveAnswerer(embed, scorer="fusion",
-                                                           lexical_weight=weight)
+                                                           lexical_weight=weight, margin=None)
+    for margin in MARGINS:  # the floor: how far below the best unit a unit is still quoted
+        variants[f"fusion-margin-{margin:g}"] = ExtractiveAnswerer(embed, scorer="fusion",
+                                                                 margin=margin)
     cases, seen = [], set()
     for row in rows:
         for i, turn in enumerate(row["turns"]):
@@ -206,9 +215,8 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                 if name == "order" and suffix:
                     continue  # passage order does not read the query
                 quoted = quoted_before(name, answerer, case["earlier"])
-                ranked = [u for u in answerer.rank(query, sources)
-                          if quote_key(u.text) not in quoted]
-                hits = [answers_question(u, case["markers"]) for u in ranked[:3]] or [False]
+                chosen = answerer.choose(answerer.scored(query, sources), quoted)
+                hits = [answers_question(u, case["markers"]) for u in chosen] or [False]
                 marks.append(f"{name}{suffix.replace('|follow-up alone', '/alone')} "
                              f"{int(hits[0])}{int(any(hits))}")
                 for group in ("all", "follow-ups" if case["follow_up"] else "first turns"):
@@ -216,11 +224,14 @@ def extractive(chatbot: Chatbot, rows: list[dict[str, Any]], turns_back: int,
                     counts[key]["n"] += 1
                     counts[key]["hit@1"] += hits[0]
                     counts[key]["hit@3"] += any(hits)
-                best[name + suffix] = ranked[0].text[:100] if ranked else ""
+                    counts[key]["precision"] += sum(hits) / len(chosen) if chosen else 0.0
+                    counts[key]["quoted"] += len(chosen)
+                best[name + suffix] = chosen[0].text[:100] if chosen else ""
         detail.append({"id": case["id"], "query": case["query"], "top_unit": best})
         print(f"  {case['id']:<20} hit@1,hit@3: {'  '.join(marks)}  iem's best: "
               f"{best['iem'][:60]!r}", flush=True)
-    summary = {key: {"n": c["n"], "hit@1": c["hit@1"] / c["n"], "hit@3": c["hit@3"] / c["n"]}
+    summary = {key: {"n": c["n"], "hit@1": c["hit@1"] / c["n"], "hit@3": c["hit@3"] / c["n"],
+                     "precision": c["precision"] / c["n"], "quoted": c["quoted"] / c["n"]}
                for key, c in counts.items() if key != "_"}
     return {"cases": len(cases), "skipped": dict(counts["_"]), "summary": summary,
             "per_case": detail}

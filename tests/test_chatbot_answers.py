@@ -27,7 +27,14 @@ from examples.chatbot.answer import (
 )
 from examples.chatbot.condense import condense_with_history
 from examples.chatbot.core import ChatbotError, ChatbotOptions, Source, build_chatbot
-from examples.chatbot.extract import quote_key, repeats, units_bm25, word_runs
+from examples.chatbot.extract import (
+    Candidate,
+    quote_key,
+    repeats,
+    standardised,
+    units_bm25,
+    word_runs,
+)
 from examples.chatbot.repetition import NoRepeatInReply, RepetitionGuard, guard_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,6 +342,30 @@ def test_extractive_answer_quotes_dedups_and_names_sources(tiny_student_dir):
         "The retrieved passages hold no sentence to quote; see the sources below."]
     with pytest.raises(ValueError, match="scorer must be one of"):
         ExtractiveAnswerer(embed, scorer="bm25")
+
+
+def test_units_far_below_the_best_are_not_quoted():
+    """The quickstart answered the regular-expression question with re's function table, then
+    a difflib sentence and a time conversion: weak units are noise, not more of the answer."""
+    def unit(text: str, position: int) -> Candidate:
+        return Candidate(text=text, heading="", source="re.md", passage=0, position=position)
+
+    best, close, weak = unit("findall finds all.", 0), unit("finditer too.", 1), unit("Epoch.", 2)
+    scored = [(best, 2.0), (close, 1.6), (weak, 0.2)]
+    assert ExtractiveAnswerer(None, margin=1.0).choose(scored) == [best, close]
+    assert ExtractiveAnswerer(None, margin=None).choose(scored) == [best, close, weak]
+    assert ExtractiveAnswerer(None, margin=1.0, sentences=1).choose(scored) == [best]
+    # the floor follows the best unit not quoted before
+    assert ExtractiveAnswerer(None, margin=1.0).choose(scored, {quote_key(best.text)}) == [close]
+    assert ExtractiveAnswerer(None, margin=1.5).choose(
+        scored, {quote_key(best.text), quote_key(close.text)}) == [weak]
+    # passage order has no scores to compare
+    assert ExtractiveAnswerer(None, scorer="order", margin=0.0).choose(scored) == [
+        best, close, weak]
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        ExtractiveAnswerer(None, margin=-1.0)
+    assert standardised([1.0, 2.0, 3.0]) == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4)
+    assert standardised([5.0, 5.0]) == [0.0, 0.0] and standardised([7.0]) == [0.0]
 
 
 def test_units_cut_differently_from_one_table_are_not_quoted_twice():

@@ -8,6 +8,7 @@ their file. Nothing is invented; what it cannot do is rephrase.
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
 from collections.abc import Collection, Sequence
@@ -25,6 +26,11 @@ DEFAULT_SCORER = "fusion"
 #: BM25's weight in the ``fusion`` scorer: z(cosine) + LEXICAL_WEIGHT * z(BM25).
 LEXICAL_WEIGHT = 1.0
 DEFAULT_SENTENCES = 3
+#: A unit is quoted only when its score is within this many standard deviations (of the
+#: scores over all units) of the best unit's: a weak second or third unit is noise, not an
+#: answer. ``benchmarks/chatbot_followups.py --extractive`` chose it among 0.5 to 3: the
+#: tightest floor that still quoted an answering unit for as many turns as no floor did.
+DEFAULT_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,6 @@ def units_bm25(query: str, texts: Sequence[str], k1: float = 1.2, b: float = 0.7
     formatted and formatter, which a stemmer does not give for the API names that
     documentation is made of.
     """
-    import math
-
     units = [_words(text) for text in texts]
     if not units:
         return []
@@ -152,6 +156,15 @@ def units_bm25(query: str, texts: Sequence[str], k1: float = 1.2, b: float = 0.7
             tf = c[stem]
             scores[i] += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / average))
     return scores
+
+
+def standardised(scores: Sequence[float]) -> list[float]:
+    """Scores in standard deviations from their mean (all 0 when they do not vary)."""
+    if len(scores) < 2:
+        return [0.0] * len(scores)
+    mean = sum(scores) / len(scores)
+    spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    return [(s - mean) / spread if spread > 0 else 0.0 for s in scores]
 
 
 def quote_key(text: str) -> str:
@@ -185,19 +198,24 @@ class ExtractiveAnswerer:
     judge), ``cosine`` with the cosine of the vectors, ``lexical`` with BM25 alone, ``order``
     takes them in passage order (the baseline); ``benchmarks/chatbot_followups.py
     --extractive`` measures each. The best ``sentences`` that repeat nothing already chosen
-    (``repeats``) are shown grouped by section, in the order they are written.
+    (``repeats``) are shown grouped by section, in the order they are written, leaving out
+    those more than ``margin`` standard deviations below the best (``None``: no floor).
     """
 
     def __init__(self, embed: D2LLMEmbedding, sentences: int = DEFAULT_SENTENCES,
                  scorer: str = DEFAULT_SCORER, with_heading: bool = True,
-                 lexical_weight: float = LEXICAL_WEIGHT):
+                 lexical_weight: float = LEXICAL_WEIGHT,
+                 margin: float | None = DEFAULT_MARGIN):
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        if margin is not None and margin < 0:
+            raise ValueError(f"margin must be >= 0 (or None for no floor), got {margin}")
         self.embed = embed
         self.sentences = sentences
         self.scorer = scorer
         self.with_heading = with_heading
         self.lexical_weight = lexical_weight
+        self.margin = margin
 
     def candidates(self, sources: Sequence[Source]) -> list[Candidate]:
         return [unit for rank, source in enumerate(sources)
@@ -232,12 +250,14 @@ class ExtractiveAnswerer:
             return student.score(query_vector[0], vectors).double()
         return torch.nn.functional.cosine_similarity(query_vector, vectors).double()
 
-    def rank(self, query: str, sources: Sequence[Source]) -> list[Candidate]:
-        """All units, best first, duplicates dropped."""
+    def scored(self, query: str, sources: Sequence[Source]) -> list[tuple[Candidate, float]]:
+        """All units with their scores standardised over the units, best first, duplicates
+        dropped."""
         units = self.candidates(sources)
         scores = self.scores(query, units)
+        standard = standardised(scores)
         order = sorted(range(len(units)), key=lambda i: (-scores[i], i))
-        kept: list[Candidate] = []
+        kept: list[tuple[Candidate, float]] = []
         seen: list[str] = []
         seen_runs: set[str] = set()
         for i in order:
@@ -246,8 +266,23 @@ class ExtractiveAnswerer:
                 continue
             seen.append(key)
             seen_runs |= word_runs(key)
-            kept.append(units[i])
+            kept.append((units[i], standard[i]))
         return kept
+
+    def rank(self, query: str, sources: Sequence[Source]) -> list[Candidate]:
+        """All units, best first, duplicates dropped."""
+        return [unit for unit, _ in self.scored(query, sources)]
+
+    def choose(self, scored: Sequence[tuple[Candidate, float]],
+               already_quoted: Collection[str] = ()) -> list[Candidate]:
+        """What to quote from ``scored``: the best ``sentences`` units not quoted before, down
+        to ``margin`` below the first of them (passage order has no scores: no floor)."""
+        fresh = [(u, z) for u, z in scored if quote_key(u.text) not in already_quoted]
+        if not fresh:
+            return []
+        floor = (-math.inf if self.margin is None or self.scorer == "order"
+                 else fresh[0][1] - self.margin)
+        return [u for u, z in fresh[: self.sentences] if z >= floor]
 
     def answer(self, query: str, sources: Sequence[Source]) -> list[str]:
         """The answer as paragraphs: a section's chosen units, then its file and heading."""
@@ -262,10 +297,10 @@ class ExtractiveAnswerer:
         so the units that answered it rank high again, and quoting them twice tells the
         reader nothing new.
         """
-        ranked = self.rank(query, sources)
-        chosen = [u for u in ranked if quote_key(u.text) not in already_quoted][: self.sentences]
+        scored = self.scored(query, sources)
+        chosen = self.choose(scored, already_quoted)
         if not chosen:
-            if ranked:
+            if scored:
                 return ["The retrieved passages hold nothing beyond what was quoted above; "
                         "see the sources below."], []
             return ["The retrieved passages hold no sentence to quote; see the sources "
