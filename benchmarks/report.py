@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FUSION, DEFAULT, MINILM = ("scifact-kfold-fusion-cpu.json", "scifact-kfold-default-cpu.json",
+FUSION, DEFAULT, MINILM = ("scifact-kfold-fusion-cpu.json", "scifact-kfold-easy0-cpu.json",
                            "scifact-kfold-minilm-cpu.json")
 LATENCY, MINILM_LATENCY = "retriever-latency-cpu.json", "retriever-latency-minilm-cpu.json"
 TEACHER, DISTILL = "teacher-rerank-cpu.json", "distill-time-cpu.json"

@@ -52,6 +52,17 @@ def summary(parts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
             for part, v in parts.items()}
 
 
+def student_collection_arguments(parser: argparse.ArgumentParser, queries: int) -> None:
+    """A student, the SciFact collection it built, and how many claims to time on it."""
+    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--qdrant-path", type=Path, required=True)
+    parser.add_argument("--collection", default="scifact")
+    parser.add_argument("--data", type=Path, default=SCIFACT)
+    parser.add_argument("--queries", type=int, default=queries)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--dtype", default="bfloat16")
+
+
 def teacher_cost(store, embed, claims: list[str], top_k: int, max_length: int | None) -> dict:
     """The teacher (the distiller's default) scoring each claim's ``top_k`` candidates, as a
     cross-encoder would have to at query time: the cost D2LLM exists to avoid."""
@@ -88,13 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llama_index_d2llm.store import D2LLMVectorStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student", type=Path, required=True)
-    parser.add_argument("--qdrant-path", type=Path, required=True)
-    parser.add_argument("--collection", default="scifact")
-    parser.add_argument("--data", type=Path, default=SCIFACT)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--dtype", default="bfloat16")
+    student_collection_arguments(parser, queries=100)
     parser.add_argument("--teacher-queries", type=int, default=3,
                         help="claims whose top_k candidates the teacher also scores (0: none)")
     parser.add_argument("--teacher-max-length", type=int, default=None,

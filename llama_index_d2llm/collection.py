@@ -259,20 +259,20 @@ def _search_request(store: QdrantVectorStore, query_vector: Sequence[float], top
 
 def _hits(store: QdrantVectorStore, points: Sequence[Any], info: CollectionInfo
           ) -> list[StoredHit]:
-    result = store.parse_to_query_result(list(points))
-    vectors = _vectors_by_key(points, info.vector_name)
-    similarities = result.similarities or [None] * len(result.ids or [])
+    points = list(points)
+    # The store's own parser, so that nodes come back as from its retriever; it keeps the
+    # points' order, so each node is matched with its point by position.
+    nodes = store.parse_to_query_result(points).nodes or []
     hits = []
-    for node, node_id, similarity in zip(result.nodes or [], result.ids or [], similarities,
-                                         strict=True):
-        vector = vectors.get(point_key(node_id))
+    for point, node in zip(points, nodes, strict=True):
+        vector = dense_vector(point.vector, info.vector_name)
         if vector is None:
             raise MissingVectorError(
-                f"Qdrant returned point {node_id!r} of collection {store.collection_name!r} "
+                f"Qdrant returned point {point.id!r} of collection {store.collection_name!r} "
                 f"without a dense vector named {info.vector_name!r}"
             )
         node.embedding = None  # returned like VectorIndexRetriever's nodes; the hit keeps it
-        hits.append(StoredHit(node=node, similarity=float(similarity or 0.0), vector=vector))
+        hits.append(StoredHit(node=node, similarity=float(point.score or 0.0), vector=vector))
     return hits
 
 

@@ -6,6 +6,12 @@ modifier, which QdrantVectorStore only sets for fastembed models), and it knows 
 ``VectorStoreIndex`` ingestion only calls the embed model; the store is the one place that sees
 every write, so it checks there that the nodes' vectors come from its student and that the
 collection was not built by another one, and records the student on the first write.
+
+A collection it creates compares vectors by dot product, not cosine: the student's vectors are
+L2-normalised already, so the ranking and the scores are the cosine's, while Qdrant's embedded
+mode re-normalises every stored vector of a cosine collection on each query (half of a
+search's time at 100,000 points; ``benchmarks/distance_ab.py``). A student that does not
+normalise needs dot product anyway: a cosine collection would change its vectors.
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ from llama_index_d2llm.sparse import SPARSE_VECTOR_NAME, BM25Encoder, sparse_vec
 from llama_index_d2llm.student.errors import D2LLMError
 
 
+def dense_vector_params(dimension: int) -> Any:
+    """A new collection's dense vectors: the student's size, compared by dot product."""
+    from qdrant_client import models
+
+    return models.VectorParams(size=dimension, distance=models.Distance.DOT)
+
+
 class D2LLMVectorStore(QdrantVectorStore):
     """Qdrant collection of one student's passage vectors, plus BM25 sparse vectors.
 
@@ -40,7 +53,8 @@ class D2LLMVectorStore(QdrantVectorStore):
             a new collection, and as it is for an existing one (a dense-only collection stays
             dense-only). ``True`` refuses an existing dense-only collection.
         bm25: the sparse encoder (default: ``BM25Encoder()``).
-        **kwargs: passed to ``QdrantVectorStore``.
+        **kwargs: passed to ``QdrantVectorStore``. ``dense_config`` (default: the
+            student's dimension, dot product) applies to a collection this store creates.
     """
 
     _d2llm_student: Any = PrivateAttr()
@@ -62,6 +76,8 @@ class D2LLMVectorStore(QdrantVectorStore):
                           sparse_config=kwargs.get("sparse_config") or sparse_vector_params(),
                           sparse_vector_name=kwargs.get("sparse_vector_name")
                           or SPARSE_VECTOR_NAME)
+        if kwargs.get("dense_config") is None:
+            kwargs["dense_config"] = dense_vector_params(student.dimension)
         super().__init__(collection_name=collection_name, client=client, aclient=aclient,
                          **kwargs)
         self._d2llm_student = student

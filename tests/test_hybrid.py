@@ -15,6 +15,7 @@ from llama_index_d2llm import (
     D2LLMEmbedding,
     D2LLMRerank,
     D2LLMRetriever,
+    D2LLMStudent,
     D2LLMVectorStore,
     StudentMismatchError,
 )
@@ -262,6 +263,47 @@ def test_a_dense_only_collection_keeps_working(embed):
         D2LLMRetriever(index=index, similarity_top_k=8, top_n=3, hybrid=True).retrieve("x")
 
 
+def test_a_new_collection_compares_by_dot_product_and_ranks_as_cosine(embed):
+    """The student's vectors are unit length, so dot product is their cosine, without the
+    embedded Qdrant re-normalising every stored vector on each query."""
+    from qdrant_client import models
+
+    dot_index, dot_store = build_index(embed, hybrid_store(embed, hybrid=False))
+    info = describe_collection(dot_store)
+    assert info.distance == models.Distance.DOT.value and info.dimension == embed.dimension
+    cosine_index, cosine_store = build_index(embed, qdrant_store())  # QdrantVectorStore's own
+    assert describe_collection(cosine_store).distance == models.Distance.COSINE.value
+    for query in (LEXICAL_QUERY, "a question about rivers"):
+        by_dot, by_cosine = (
+            D2LLMRetriever(index=index, similarity_top_k=len(TEXTS), top_n=len(TEXTS),
+                           hybrid=False).retrieve(query)
+            for index in (dot_index, cosine_index))
+        assert [h.node.get_content() for h in by_dot] == [h.node.get_content() for h in by_cosine]
+        assert ([h.node.metadata["retrieval_score"] for h in by_dot]
+                == pytest.approx([h.node.metadata["retrieval_score"] for h in by_cosine],
+                                 abs=1e-5))
+        assert [h.score for h in by_dot] == pytest.approx([h.score for h in by_cosine],
+                                                          abs=1e-5)
+
+
+def test_a_non_normalising_student_gets_a_collection_that_keeps_its_vectors(tiny_backbone):
+    """Cosine would normalise them (and is refused for such a student); dot product keeps
+    them as the IEM saw them."""
+    from llama_index.core.schema import MetadataMode
+
+    raw = D2LLMEmbedding.from_student(D2LLMStudent.from_backbone(
+        tiny_backbone, pma_heads=4, iem_hidden_size=16, dtype="float32", seed=5,
+        normalize=False))
+    index, store = build_index(raw, hybrid_store(raw))
+    hits = D2LLMRetriever(index=index, similarity_top_k=len(TEXTS),
+                          top_n=len(TEXTS)).retrieve(LEXICAL_QUERY)
+    assert len(hits) == len(TEXTS)
+    stored = store.client.retrieve("docs", [hits[0].node.node_id], with_vectors=True)[0]
+    encoded = raw.student.encode([hits[0].node.get_content(MetadataMode.EMBED)])[0]
+    assert stored.vector["text-dense"] == pytest.approx(encoded.tolist(), abs=1e-5)
+    assert float(encoded.norm()) != pytest.approx(1.0, abs=1e-3)
+
+
 def test_first_ingestion_records_the_student(embed, tiny_backbone):
     _, store = build_index(embed, hybrid_store(embed))
     record = describe_collection(store).record
@@ -314,6 +356,7 @@ def test_async_ingestion_and_retrieval_equal_sync(embed, tiny_backbone):
     info, hits, refused = asyncio.run(run())
     assert info.config.metadata["d2llm_student"]["fingerprint"] == embed.fingerprint
     assert "text-sparse-new" in info.config.params.sparse_vectors
+    assert info.config.params.vectors["text-dense"].distance == "Dot"  # async creation too
     assert [h.node.node_id for h in hits] == [h.node.node_id for h in expected]
     assert [h.score for h in hits] == pytest.approx([h.score for h in expected], abs=1e-5)
     assert refused is not None and other.fingerprint in refused

@@ -96,7 +96,7 @@ def test_report_plots_and_tables(report, tmp_path: Path) -> None:
     assert "| MiniLM dense | 0.710 | 0.020 | — |" in page
     not_measured = page.split("## Not measured")[1]
     assert "`retriever-latency-minilm-cpu.json`" in not_measured
-    assert "`scifact-kfold-default-cpu.json`" in not_measured
+    assert "`scifact-kfold-easy0-cpu.json`" in not_measured
     # Distillation stages (minutes), with each run's command; the recorded commands listed.
     assert "| teacher imitation | 20.0 | 0.5 | — | 10.0 | — | 9.5 | `d2llm-rag distill B` |" \
         in page
