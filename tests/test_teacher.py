@@ -101,6 +101,14 @@ def test_vocabulary_chunks_do_not_change_query_likelihood(tiny_backbone, monkeyp
     whole = teacher.score(QUERIES, PASSAGES).logits
     monkeypatch.setattr(teacher_module, "_VOCAB_CHUNK_ELEMENTS", 1000)  # 2 positions a chunk
     torch.testing.assert_close(teacher.score(QUERIES, PASSAGES).logits, whole)
+    # vocabulary slices, the last one short, combined by logaddexp: the same normaliser
+    vocab = teacher._head_weight.shape[0]
+    monkeypatch.setattr(teacher_module, "_CPU_VOCAB_SLICE", 7)
+    assert vocab % 7 and vocab > 7 * 10
+    torch.testing.assert_close(teacher.score(QUERIES, PASSAGES).logits, whole)
+    states = torch.randn(5, teacher.hidden_size, dtype=teacher.dtype)
+    torch.testing.assert_close(teacher._log_normaliser(states),
+                               torch.logsumexp(teacher._head_logits(states), dim=-1))
 
 
 def test_truncation_cuts_the_passage_and_keeps_prompt_and_query(tiny_backbone, caplog):

@@ -67,6 +67,9 @@ SCORING_VERSION = "teacher-v1"
 _YES_NO_CANDIDATES = ((" yes", " no"), ("yes", "no"), (" Yes", " No"), ("Yes", "No"))
 _CHAT_YES_NO_CANDIDATES = (("Yes", "No"), ("yes", "no"), (" Yes", " No"), (" yes", " no"))
 _VOCAB_CHUNK_ELEMENTS = 1 << 25  # positions x vocabulary per log-softmax chunk (128 MiB fp32)
+#: Vocabulary rows per slice of the log-softmax normaliser on a CPU: a slice of logits that
+#: stays in cache, combined by logaddexp, instead of all 262k of a position at once.
+_CPU_VOCAB_SLICE = 4096
 
 
 @dataclass
@@ -406,7 +409,8 @@ class Teacher:
             return (pair[:, 0] - pair[:, 1]).float().cpu(), last.float().cpu()
         return self._query_likelihood(hidden, batch)
 
-    def _head_logits(self, states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _head_logits(self, states: torch.Tensor, rows: torch.Tensor | slice | None = None
+                     ) -> torch.Tensor:
         """LM-head logits of ``states`` for the vocabulary ``rows`` only (all when None)."""
         weight = self._head_weight if rows is None else self._head_weight[rows]
         logits = states @ weight.T
@@ -440,16 +444,33 @@ class Teacher:
         target_logits = target_logits.float()
         if self._softcap:
             target_logits = torch.tanh(target_logits / self._softcap) * self._softcap
-        # log-softmax normaliser over the vocabulary, at the query positions only, in chunks
-        vocab = self._head_weight.shape[0]
-        chunk = max(1, _VOCAB_CHUNK_ELEMENTS // vocab)
-        normaliser = torch.cat([torch.logsumexp(self._head_logits(states[s:s + chunk]), dim=-1)
-                                for s in range(0, states.shape[0], chunk)])
-        token_logprobs = (target_logits - normaliser).cpu()
+        token_logprobs = (target_logits - self._log_normaliser(states)).cpu()
         owner = torch.tensor(owners)
         totals = torch.zeros(len(batch)).index_add_(0, owner, token_logprobs)
         counts = torch.bincount(owner, minlength=len(batch)).float()
         return totals / counts, features
+
+    def _log_normaliser(self, states: torch.Tensor) -> torch.Tensor:
+        """The log-softmax normaliser (logsumexp of the head's logits over the vocabulary) at
+        each of ``states``: a third of the query likelihood's time with a 262k vocabulary.
+
+        Positions go in chunks that bound the memory. On a CPU each chunk's vocabulary goes in
+        slices whose logits stay in cache, combined by logaddexp (the same value): writing and
+        re-reading all 262k float logits of a position cost more than computing them.
+        """
+        vocab = self._head_weight.shape[0]
+        rows = _CPU_VOCAB_SLICE if self.device.type == "cpu" else vocab
+        chunk = max(1, _VOCAB_CHUNK_ELEMENTS // min(rows, vocab))
+        normalisers = []
+        for start in range(0, states.shape[0], chunk):
+            part = states[start:start + chunk]
+            total = None
+            for first in range(0, vocab, rows):
+                slice_lse = torch.logsumexp(
+                    self._head_logits(part, slice(first, first + rows)), dim=-1)
+                total = slice_lse if total is None else torch.logaddexp(total, slice_lse)
+            normalisers.append(total)
+        return torch.cat(normalisers)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, *,
