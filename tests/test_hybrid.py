@@ -20,6 +20,7 @@ from llama_index_d2llm import (
     StudentMismatchError,
 )
 from llama_index_d2llm.qdrant import (
+    MissingVectorError,
     UnsupportedVectorStoreError,
     describe_collection,
     lexical_scores,
@@ -302,6 +303,23 @@ def test_a_non_normalising_student_gets_a_collection_that_keeps_its_vectors(tiny
     encoded = raw.student.encode([hits[0].node.get_content(MetadataMode.EMBED)])[0]
     assert stored.vector["text-dense"] == pytest.approx(encoded.tolist(), abs=1e-5)
     assert float(encoded.norm()) != pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_hit_without_a_dense_vector_is_named(embed):
+    """A point written with its BM25 vector only is found by the sparse search, but the IEM
+    has no stored vector to score it with: the error names the point and the vector."""
+    from qdrant_client import models
+
+    index, store = build_index(embed, hybrid_store(embed))
+    indices, values = store.bm25.encode_documents(["city history, city history"])
+    stray = "9f1c2d3e-0000-4000-8000-000000000001"
+    store.client.upsert("docs", [models.PointStruct(
+        id=stray, payload={"text": "city history, city history"},
+        vector={"text-sparse-new": models.SparseVector(indices=indices[0], values=values[0])})])
+    retriever = D2LLMRetriever(index=index, similarity_top_k=len(TEXTS) + 1, top_n=3)
+    with pytest.raises(MissingVectorError, match=f"{stray}.*without a dense vector named "
+                                                 "'text-dense'"):
+        retriever.retrieve(LEXICAL_QUERY)
 
 
 def test_first_ingestion_records_the_student(embed, tiny_backbone):
