@@ -159,12 +159,13 @@ def units_bm25(query: str, texts: Sequence[str], k1: float = 1.2, b: float = 0.7
 
 
 def standardised(scores: Sequence[float]) -> list[float]:
-    """Scores in standard deviations from their mean (all 0 when they do not vary)."""
-    if len(scores) < 2:
-        return [0.0] * len(scores)
-    mean = sum(scores) / len(scores)
-    spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return [(s - mean) / spread if spread > 0 else 0.0 for s in scores]
+    """Scores in standard deviations from their mean (all 0 when they do not vary), as the
+    retriever's fusion standardises its terms (``student/fusion.py: standardize``)."""
+    import torch
+
+    from llama_index_d2llm.student.fusion import standardize
+
+    return standardize(torch.tensor(list(scores), dtype=torch.float64)).tolist()
 
 
 def quote_key(text: str) -> str:
