@@ -45,11 +45,13 @@ def tiny_student_dir(tmp_path_factory, tiny_backbone) -> str:
 
 
 def _perturb_lora(student) -> None:
-    """LoRA B and the IEM's output layer start at zero; give them values that matter."""
+    """LoRA B, the IEM's output layer and the PMA gate start at zero; give them values that
+    matter."""
     import torch
 
     with torch.no_grad():
         student.iem.output.weight.normal_(0, 0.5)
+        student.pma.gate.fill_(4.0)  # PMA outweighs the mean pooling it is added to
         for name, param in student.backbone.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)

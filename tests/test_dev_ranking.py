@@ -65,7 +65,7 @@ def test_the_dev_best_weight_is_kept_only_when_its_gain_is_beyond_noise():
     assert choose_weight(worse).weight == 0.0
 
 
-def test_choose_fusion_keeps_bm25_only_when_it_beats_the_rrf_order_and_then_weighs_the_iem():
+def test_choose_fusion_moves_from_the_default_only_on_evidence_then_weighs_the_iem():
     from llama_index_d2llm.student.fusion import FusionWeights
     from llama_index_d2llm.trainer.dev_ranking import choose_fusion, format_report, fusion_from
 
@@ -79,10 +79,17 @@ def test_choose_fusion_keeps_bm25_only_when_it_beats_the_rrf_order_and_then_weig
         lucky = 0.2 if weights.iem else 0.0  # on one query only: noise
         return {q: 0.5 + bonus + (lucky if q == "q0" else 0.0) for q in queries}
 
+    # every BM25 weight helps as much: the best (0.25) gains nothing over the default's 0.5
     metrics = choose_fusion("hybrid", helps, first)
-    assert fusion_from(metrics) == {"hybrid": FusionWeights(lexical=0.25)}
+    assert fusion_from(metrics) == {"hybrid": FusionWeights(lexical=0.5)}
     assert metrics["dev_hybrid_rescored_ndcg@10"] == pytest.approx(0.6)
-    assert "recorded: BM25 0.25, IEM 0.00" in format_report(metrics)
+    assert "recorded: BM25 0.50, IEM 0.00" in format_report(metrics)
+
+    def more_bm25(weights):  # the heavier BM25, the better, on every query
+        return {q: 0.5 if weights is None else 0.5 + weights.lexical / 10 for q in queries}
+
+    metrics = choose_fusion("hybrid", more_bm25, first)
+    assert fusion_from(metrics) == {"hybrid": FusionWeights(lexical=1.5)}
 
     def hurts(weights):
         return {q: 0.5 if weights is None else 0.45 for q in queries}

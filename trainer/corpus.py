@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,12 @@ class CorpusError(D2LLMError, ValueError):
 
 @dataclass(frozen=True)
 class Passage:
-    """One unit of retrieval: what is embedded, stored and returned."""
+    """One unit of retrieval: what is embedded, stored and returned. ``title``: the title a
+    BEIR document has (the first line of its text), for heading queries."""
 
     id: str
     text: str
+    title: str | None = field(default=None, compare=False)
 
 
 def load_corpus(path: str | Path, *, max_tokens: int | None = None, tokenizer: Any = None,
@@ -93,7 +95,7 @@ def load_beir_corpus(path: str | Path) -> list[Passage]:
         if not joined:
             skipped += 1
             continue
-        passages.append(Passage(str(doc_id), joined))
+        passages.append(Passage(str(doc_id), joined, title if title and text else None))
     if skipped:
         logger.warning("%s: skipped %d documents with neither title nor text", path, skipped)
     return passages

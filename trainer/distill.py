@@ -5,17 +5,15 @@ Every stage caches its result under the work directory (generated queries, negat
 scores, frozen-backbone token states, training checkpoints), so a second run, or one resumed
 after an interruption, redoes nothing already done. Inputs are checked before the first long
 stage: a bad path or an unusable data set fails in seconds, not after an hour of scoring.
-The teacher is unloaded before the student is built, so both never share memory.
+The student is built first: untrained, it is the starting encoder that judges generated
+queries and the teacher (``preparation.py``), and the floor training must beat. The teacher
+is unloaded before training.
 """
 
-from __future__ import annotations
-
 import copy
-import gc
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from llama_index_d2llm.student import D2LLMStudent, LoraSettings
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_LAYERS,
     DEFAULT_BACKBONE_NAME,
+    is_default_llm,
     load_tokenizer,
     resolve_backbone,
     resolve_device,
@@ -42,29 +41,19 @@ from llama_index_d2llm.trainer.config import (
     ConfigError,
     DistillConfig,
 )
-from llama_index_d2llm.trainer.corpus import CorpusError, Passage, load_corpus
-from llama_index_d2llm.trainer.dataset import (
-    RankingItem,
-    TrainingExample,
-    build_examples,
-    items_from_queries,
-    pair_items,
-    split_items,
-)
-from llama_index_d2llm.trainer.pairs import SymmetricPair, load_pairs
 from llama_index_d2llm.trainer.paths import (
     DISTILLED_FILES,
     SUMMARY_NAME,
     check_model_paths,
     check_output,
     check_work_dir,
-    claim_work_dir,
 )
-from llama_index_d2llm.trainer.queries import (
-    Query,
-    generate_queries,
-    load_queries,
-    split_queries,
+from llama_index_d2llm.trainer.preparation import (  # noqa: F401 - re-exported
+    PreparedData,
+    StartingEncoder,
+    imitation_off,
+    load_inputs,
+    prepare_data,
 )
 from llama_index_d2llm.trainer.training import (
     DistillationTrainer,
@@ -75,8 +64,6 @@ from llama_index_d2llm.trainer.training import (
 
 logger = logging.getLogger(__name__)
 
-# judged queries mine this many negatives with the student each epoch (from the nearest 50):
-# chosen on SciFact dev, where it raised the first stage's nDCG@10 (README, benchmarks/scifact.py)
 DEFAULT_STUDENT_NEGATIVES = 16
 CPU_TEACHER_MAX_LENGTH, GPU_TEACHER_MAX_LENGTH = 128, 512
 
@@ -94,21 +81,16 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
     CPU, LoRA and long ones on a GPU; the measured best depth of the offline default backbone;
     student-mined negatives for judged queries."""
     config = copy.deepcopy(config)
-    if config.backbone_layers is None and config.student is None:
+    if config.backbone_layers is None and is_default_llm(config.student):
         config.backbone_layers = DEFAULT_BACKBONE_LAYERS
     if config.student_negatives is None:
         # generated queries have one positive each, and the passages nearest to it are often
         # other chunks of its document: relevant but unjudged, so not safe to mine
         config.student_negatives = (DEFAULT_STUDENT_NEGATIVES if config.queries is not None
                                     else 0)
-    if config.teacher == NO_TEACHER:
-        imitation = ("contrastive_imitation", "rank_imitation", "pairwise_rank",
-                     "feature_imitation")
-        if any(getattr(config.losses, name) for name in imitation):
-            logger.info("--teacher none: the imitation losses are off; the judgements label "
-                        "every pair")
-        for name in imitation:
-            setattr(config.losses, name, 0.0)
+    if config.teacher == NO_TEACHER and imitation_off(config):
+        logger.info("--teacher none: the imitation losses are off; the judgements label every "
+                    "pair")
     device = resolve_device(config.device)
     if config.teacher_max_length is None:
         config.teacher_max_length = default_teacher_max_length(device)
@@ -118,60 +100,6 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
                     "frozen" if config.frozen_backbone else "LoRA-tuned", device.type)
     return config
 
-
-@dataclass
-class PreparedData:
-    """Everything training needs, built by the data stages (all cached in the work dir)."""
-
-    examples: list[TrainingExample]
-    train_items: list[RankingItem]
-    dev_items: list[RankingItem]
-    texts: dict[str, str]
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def prepare_data(config: DistillConfig, *, teacher: Any = None,
-                 device: torch.device | None = None) -> PreparedData:
-    """Corpus -> queries -> hard negatives -> teacher-scored examples (``config`` resolved).
-
-    The teacher is loaded here unless given, and unloaded before returning.
-    """
-    show = config.show_progress
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    passages, queries, pairs = load_inputs(config)  # before the work directory: a bad input
-    timings["load_s"] = time.perf_counter() - start  # must not leave an empty one behind
-    work = claim_work_dir(config)
-    owns_teacher = teacher is None
-    if teacher is None and config.teacher != NO_TEACHER:
-        teacher = _load_teacher(config, device or resolve_device(config.device))
-    try:
-        if passages and queries is None:
-            start = time.perf_counter()
-            queries = generate_queries(passages, teacher, per_passage=config.queries_per_passage,
-                                       cache_dir=work / "queries",
-                                       max_passages=config.max_generated_passages,
-                                       seed=config.seed, show_progress=show)
-            timings["generate_queries_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        train_items, dev_items, passages = _ranking_items(config, passages, queries, pairs, show)
-        timings["mining_s"] = time.perf_counter() - start
-        texts = {p.id: p.text for p in passages}
-        start = time.perf_counter()
-        easy = config.num_easy_negatives if config.losses.needs_easy_negatives else 0
-        examples = build_examples(train_items, texts, teacher, num_easy_negatives=easy,
-                                  seed=config.seed,
-                                  with_features=config.losses.needs_teacher_features,
-                                  show_progress=show,
-                                  teacher_scores_easy_negatives=config.teacher_scores_easy_negatives)
-        timings["teacher_s"] = time.perf_counter() - start
-    finally:
-        if owns_teacher:
-            del teacher
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    return PreparedData(examples, train_items, dev_items, texts, timings)
 
 
 def distill(config: DistillConfig, *, teacher: Any = None,
@@ -193,14 +121,12 @@ def distill(config: DistillConfig, *, teacher: Any = None,
     accelerator = make_accelerator(config)
     if not accelerator.is_local_main_process:
         config.show_progress = False
-    # the main process scores and caches first; the others then read its caches
-    with accelerator.main_process_first():
-        data = prepare_data(config, teacher=teacher, device=accelerator.device)
-
     checkpoint = latest_checkpoint(config) if config.resume else None
     if config.resume and checkpoint is None:
         logger.warning("--resume: no checkpoint under %s, starting from the beginning",
                        config.work_path)
+    # built first: before training, the untrained student is the starting encoder that the
+    # round trip judges generated queries with (a resumed run reads that stage's cache)
     student = _build_student(config, accelerator.device, checkpoint)
     token_cache = None
     if config.frozen_backbone:
@@ -211,6 +137,11 @@ def distill(config: DistillConfig, *, teacher: Any = None,
                                       depth=lora.first_tuned_layer if lora else None,
                                       batch_size=config.encode_batch_size,
                                       show_progress=config.show_progress)
+    starting = StartingEncoder.of(student, token_cache, config.encode_batch_size)
+    # the main process scores and caches first; the others then read its caches
+    with accelerator.main_process_first():
+        data = prepare_data(config, teacher=teacher, device=accelerator.device,
+                            starting_encoder=starting)
     trainer = DistillationTrainer(student, config, data.examples, data.texts,
                                   dev_items=data.dev_items, token_cache=token_cache,
                                   accelerator=accelerator, step_callback=step_callback)
@@ -230,71 +161,6 @@ def distill(config: DistillConfig, *, teacher: Any = None,
 
 
 # ---------------------------------------------------------------------------- stages
-def load_inputs(config: DistillConfig
-                ) -> tuple[list[Passage], list[Query] | None, list[SymmetricPair]]:
-    """Read and check every input file (fast) before any model is loaded."""
-    passages: list[Passage] = []
-    queries = None
-    if config.corpus is not None:
-        tokenizer = load_tokenizer(resolve_backbone(config.student), config.trust_remote_code)
-        # room for the passage instruction and special tokens inside max_passage_length
-        reserved = len(tokenizer("Passage: ", add_special_tokens=True)["input_ids"]) + 1
-        passages = load_corpus(config.corpus,
-                               max_tokens=max(16, config.max_passage_length - reserved),
-                               tokenizer=tokenizer, exclude=config.exclude,
-                               show_progress=config.show_progress)
-        if len(passages) < config.num_negatives + 1:
-            raise CorpusError(
-                f"the corpus has {len(passages)} passages, too few to mine "
-                f"{config.num_negatives} hard negatives per query (at least "
-                f"{config.num_negatives + 1} are needed): add documents or lower "
-                f"--num-negatives to at most {max(len(passages) - 1, 0)}"
-            )
-        if config.queries is not None:
-            queries = load_queries(config.queries, config.qrels, {p.id for p in passages})
-    pairs = load_pairs(config.pairs) if config.pairs is not None else []
-    return passages, queries, pairs
-
-
-def _load_teacher(config: DistillConfig, device: torch.device) -> Any:
-    from llama_index_d2llm.trainer.teacher import Teacher, TeacherConfig
-
-    settings = TeacherConfig(mode=config.teacher_mode, max_length=config.teacher_max_length,
-                             batch_size=config.teacher_batch_size)
-    return Teacher.from_pretrained(config.teacher, config=settings, device=device,
-                                   dtype=config.dtype, cache_dir=config.work_path / "teacher",
-                                   trust_remote_code=config.trust_remote_code)
-
-
-def _ranking_items(config: DistillConfig, passages: list[Passage], queries: list[Query] | None,
-                   pairs: list[SymmetricPair], show: bool
-                   ) -> tuple[list[RankingItem], list[RankingItem], list[Passage]]:
-    """Train and dev items of both tasks, and every passage they refer to."""
-    from llama_index_d2llm.trainer.mining import mine_hard_negatives
-
-    train: list[RankingItem] = []
-    dev: list[RankingItem] = []
-    if queries:
-        negatives = mine_hard_negatives(queries, passages, num_negatives=config.num_negatives,
-                                        cache_dir=config.work_path / "negatives",
-                                        show_progress=show)
-        train_queries, dev_queries = split_queries(queries, config.dev_fraction, config.seed)
-        ids = [p.id for p in passages]
-        train += items_from_queries(train_queries, negatives, ids,
-                                    num_negatives=config.num_negatives, seed=config.seed)
-        dev += items_from_queries(dev_queries, negatives, ids,
-                                  num_negatives=config.num_negatives, seed=config.seed)
-    if pairs:
-        sentences, items = pair_items(pairs, num_negatives=config.num_negatives,
-                                      min_score=config.pair_min_score, seed=config.seed,
-                                      cache_dir=config.work_path / "negatives",
-                                      show_progress=show)
-        pair_train, pair_dev = split_items(items, config.dev_fraction, config.seed)
-        train += pair_train
-        dev += pair_dev
-        passages = passages + sentences
-    return train, dev, passages
-
 
 def _build_student(config: DistillConfig, device: torch.device,
                    checkpoint: Path | None) -> D2LLMStudent:
@@ -312,6 +178,7 @@ def _build_student(config: DistillConfig, device: torch.device,
             pma_heads=config.pma_heads, iem_hidden_size=config.iem_hidden_size,
             iem_cosine_skip=config.iem_cosine_skip, max_query_length=config.max_query_length,
             max_passage_length=config.max_passage_length, device=device, dtype=config.dtype,
+            base_pooling=None if config.base_pooling == "none" else config.base_pooling,
             trust_remote_code=config.trust_remote_code, seed=config.seed,
         )
     if not config.frozen_backbone and config.gradient_checkpointing:

@@ -33,7 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-GENERATION_VERSION = "generate-queries-v2"  # v1 could cut the few-shot examples off
+GENERATION_VERSION = "generate-queries-v2"
+GENERATED_PREFIX = "gen:"
+#: Ids of queries made from a passage's title or heading (``headings.py``).
+HEADING_PREFIX = "head:"  # v1 could cut the few-shot examples off
 #: Moved to ``pairs.py``; still importable from here.
 _PAIR_NAMES = frozenset({"NLI_LABEL_SCORES", "STS_MAX_SCORE", "SymmetricPair", "load_pairs"})
 
@@ -138,11 +141,30 @@ def _read_qrels(path: Path) -> dict[str, list[str]]:
 
 def split_queries(queries: Sequence[Query], dev_fraction: float, seed: int
                   ) -> tuple[list[Query], list[Query]]:
-    """(train, dev), deterministic in the set of query ids and the seed, input order kept."""
+    """(train, dev), deterministic in the set of query ids and the seed, input order kept.
+
+    Generated queries are split by passage: a dev query's passages are never a training
+    query's positive, so the dev figure is measured on passages never trained on.
+    """
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}: e.g. 0.2")
+    if queries and all(is_generated(q) for q in queries):
+        dev_passages = dev_ids([p for q in queries for p in q.positives], dev_fraction, seed)
+        train = [q for q in queries if not set(q.positives) & dev_passages]
+        dev = [q for q in queries if set(q.positives) <= dev_passages]
+        return train, dev  # a query with passages on both sides is left out of both
     dev = dev_ids([query.id for query in queries], dev_fraction, seed)
     return [q for q in queries if q.id not in dev], [q for q in queries if q.id in dev]
+
+
+def is_generated(query: Query) -> bool:
+    """Whether the query was made from a passage (written by the teacher, or its heading),
+    not judged by a person."""
+    return is_generated_id(query.id)
+
+
+def is_generated_id(query_id: str) -> bool:
+    return query_id.startswith((GENERATED_PREFIX, HEADING_PREFIX))
 
 
 def dev_ids(ids: Collection[str], dev_fraction: float, seed: int) -> set[str]:
@@ -226,37 +248,54 @@ def clean_generated_query(text: str) -> str:
     line = re.sub(r"\s+", " ", line).strip().strip("\"'`").strip()
     if len(line) < 3 or not re.search(r"[^\W\d_]", line):
         return ""
-    if line in {query for _, query in GENERATION_EXAMPLES}:  # the model copied an example
-        return ""
+    if _normal(line) in {_normal(query) for _, query in GENERATION_EXAMPLES}:
+        return ""  # the model copied an example (case and punctuation aside)
     return line
+
+
+def _normal(text: str) -> str:
+    """Lower-case words only: how two generated queries are compared."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
 
 
 def _dedupe(texts: list[str]) -> list[str]:
     seen: set[str] = set()
     kept = []
     for text in texts:
-        if text and text.lower() not in seen:
-            seen.add(text.lower())
+        if text and _normal(text) not in seen:
+            seen.add(_normal(text))
             kept.append(text)
     return kept
+
+
+#: A query the teacher wrote for this many passages or more names none of them ("What is the
+#: purpose of the following code?"): it is dropped, not trained on with every one as positive.
+GENERIC_QUERY_PASSAGES = 3
 
 
 def _assemble(passages: list[Passage], done: dict[str, dict[str, Any]]) -> list[Query]:
     by_text: dict[str, Query] = {}
     empty = 0
     for passage in passages:
-        texts = done.get(passage.id, {}).get("queries", [])
+        texts = [t for t in (clean_generated_query(raw) for raw in
+                             done.get(passage.id, {}).get("queries", [])) if t]
         empty += not texts
         for number, text in enumerate(texts):
-            query = by_text.get(text.lower())
+            query = by_text.get(_normal(text))
             if query is None:
-                by_text[text.lower()] = Query(f"gen:{passage.id}:{number}", text, [passage.id])
+                by_text[_normal(text)] = Query(f"{GENERATED_PREFIX}{passage.id}:{number}", text,
+                                               [passage.id])
             elif passage.id not in query.positives:
                 query.positives.append(passage.id)
+    generic = [q for q in by_text.values() if len(q.positives) >= GENERIC_QUERY_PASSAGES]
     if empty:
         logger.warning("the teacher wrote no usable query for %d of %d passages", empty,
                        len(passages))
-    return list(by_text.values())
+    if generic:
+        logger.info("dropping %d generated queries written for %d passages or more (e.g. %r): "
+                    "they name none of them", len(generic), GENERIC_QUERY_PASSAGES,
+                    generic[0].text)
+    return [q for q in by_text.values() if len(q.positives) < GENERIC_QUERY_PASSAGES]
 
 
 def _sha(text: str) -> str:

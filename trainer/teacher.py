@@ -36,6 +36,7 @@ import torch
 
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
+    is_default_llm,
     load_tokenizer,
     refuse_remote_code,
     resolve_backbone,
@@ -171,8 +172,8 @@ class Teacher:
                 "offline default"
             ) from exc
         model.to(device)
-        return cls(model, tokenizer, name=name_or_path or DEFAULT_BACKBONE_NAME, config=config,
-                   cache_dir=cache_dir)
+        name = DEFAULT_BACKBONE_NAME if is_default_llm(name_or_path) else name_or_path
+        return cls(model, tokenizer, name=name, config=config, cache_dir=cache_dir)
 
     # ------------------------------------------------------------------ identity and prompts
     @property

@@ -89,6 +89,10 @@ class TrainingResult:
     mining_seconds: float = 0.0
     #: The whole-corpus dev figures of the kept weights (and the IEM weights they chose).
     dev: dict[str, float] = field(default_factory=dict)
+    #: The dev figure of the untrained student (the starting encoder), and whether it was
+    #: kept because no distilled state ranked above it (the floor).
+    start_metric: float | None = None
+    kept_start: bool = False
 
 
 @dataclass
@@ -212,8 +216,10 @@ class DistillationTrainer:
             run.best_state = loaded.best
             run.resumed_from_step = run.saved_step = state.step
             logger.info("resuming from %s (step %d)", resume_from, state.step)
-        elif accelerator.is_main_process:
-            clear_checkpoints(self.root)  # a fresh run: stale ones must not be resumed later
+        else:
+            if accelerator.is_main_process:
+                clear_checkpoints(self.root)  # a fresh run: stale ones must not be resumed
+            self._evaluate_start(run)
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
             _inner(optimizer), _warmup(state.warmup_steps), last_epoch=-1)
         for _ in range(state.step):
@@ -332,6 +338,21 @@ class DistillationTrainer:
         if state.bad_evals >= self.config.patience:
             run.stopped_early = True
 
+    def _evaluate_start(self, run: _Run) -> None:
+        """The floor: the untrained student (the starting encoder, when it starts from its
+        backbone's pooling) is evaluated like every later state and is the first best, so
+        training keeps a state only when it ranks above it on dev."""
+        if not self.dev_items:
+            return
+        state = run.state
+        metrics = self._dev_metrics()
+        state.start_metric = state.best_metric = metrics[self.stopping_metric]
+        state.best_step = 0
+        run.best_state = self._trainable_state()
+        state.history.append({"step": 0, **metrics})
+        logger.info("dev %s of the starting point (untrained student): %.4f",
+                    self.stopping_metric, state.start_metric)
+
     def _finish(self, run: _Run) -> TrainingResult:
         """Restore the best dev weights, record the IEM weights, sum the run up."""
         state = run.state
@@ -340,6 +361,8 @@ class DistillationTrainer:
                         self.stopping_metric, state.best_metric)
             self._load_trainable_state(run.best_state)
         self.student.eval()
+        kept_start = state.best_step == 0 and state.step > 0
+        self._report_floor(state, kept_start)
         dev = self._record_fusion(state)
         completed = state.epoch + state.batch / max(run.batches_per_epoch, 1)
         seconds = run.step_seconds
@@ -349,7 +372,27 @@ class DistillationTrainer:
             seconds_per_step=(sum(seconds) / len(seconds)) if seconds else None,
             resumed_from_step=run.resumed_from_step, examples=len(self.examples),
             history=state.history, mining_seconds=round(state.mining_seconds, 3), dev=dev,
+            start_metric=state.start_metric, kept_start=kept_start,
         )
+
+    def _report_floor(self, state: TrainerState, kept_start: bool) -> None:
+        """Say what distillation bought over the starting point, and when it bought nothing."""
+        if state.start_metric is None or state.best_metric is None:
+            return
+        if kept_start:
+            best_trained = max((entry[self.stopping_metric] for entry in state.history
+                                if entry["step"] > 0 and self.stopping_metric in entry),
+                               default=None)
+            trained = "n/a" if best_trained is None else f"{best_trained:.4f}"
+            logger.warning(
+                "no distilled state ranked above the starting point on dev (%s: start %.4f, "
+                "best distilled %s): the student keeps its starting weights, i.e. the "
+                "untrained encoder with the rescoring chosen on dev", self.stopping_metric,
+                state.start_metric, trained)
+        else:
+            logger.info("dev %s: starting point %.4f -> distilled %.4f (%+.4f)",
+                        self.stopping_metric, state.start_metric, state.best_metric,
+                        state.best_metric - state.start_metric)
 
     def _record_fusion(self, state: TrainerState) -> dict[str, float]:
         """Record in the student how each first stage's candidates are rescored

@@ -310,9 +310,25 @@ class ExtractiveAnswerer:
         for unit in chosen:  # best first: the first group is the best section
             groups.setdefault((unit.passage, unit.heading), []).append(unit)
         paragraphs = []
+        shown: set[str] = set()
         for (_, heading), units in groups.items():
             units.sort(key=lambda u: u.position)
-            body = "\n".join(u.text for u in units)
+            body = "\n".join(_unshown_lines("\n".join(u.text for u in units), shown))
             where = f"{units[0].source} · {heading}" if heading else units[0].source
             paragraphs.append(f"{body}\n  [{where}]")
         return paragraphs, [quote_key(u.text) for u in chosen]
+
+
+def _unshown_lines(text: str, shown: set[str], min_chars: int = 12) -> list[str]:
+    """The lines of ``text`` not shown already (``shown`` is updated): two quoted units can
+    share a line (two signatures ending in the same ``[optional keyword args])``), and an
+    answer never shows the same line twice. Short lines (a bracket, a blank) may repeat."""
+    kept = []
+    for line in text.splitlines():
+        key = " ".join(line.split()).casefold()
+        if len(key) >= min_chars:
+            if key in shown:
+                continue
+            shown.add(key)
+        kept.append(line)
+    return kept

@@ -89,9 +89,19 @@ def _convert_gguf(gguf_file: Path, output: Path) -> None:
     tokenizer.save_pretrained(output)
 
 
+#: The short name of the offline default Gemma 3 270M (``None`` in older configs).
+DEFAULT_LLM_ALIAS = "gemma"
+
+
+def is_default_llm(name_or_path: str | None) -> bool:
+    """Whether a backbone reference names the offline Gemma 3 270M."""
+    return name_or_path is None or name_or_path.lower() == DEFAULT_LLM_ALIAS
+
+
 def resolve_backbone(name_or_path: str | None, base_dir: Path | None = None) -> str:
     """A loadable path or hub id for a backbone reference stored in a config."""
-    if name_or_path is None:
+    if name_or_path is None or (name_or_path.lower() == DEFAULT_LLM_ALIAS
+                                and not Path(name_or_path).exists()):
         return str(default_backbone_path())
     path = Path(name_or_path).expanduser()
     if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():

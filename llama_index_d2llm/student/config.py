@@ -10,6 +10,7 @@ from typing import Any
 
 from llama_index_d2llm.student.errors import CheckpointError
 from llama_index_d2llm.student.fusion import check_fusion
+from llama_index_d2llm.student.pooling import check_base_pooling
 from llama_index_d2llm.student.settings import from_known_keys
 from llama_index_d2llm.student.tasks import TASKS  # noqa: F401  (re-exported)
 
@@ -56,6 +57,9 @@ class D2LLMConfig:
     backbone_layers: int | None = None
     hidden_size: int = 0
     pma_heads: int = 32
+    #: The backbone's own pooling the student starts from, ``base_pool + gate * PMA``
+    #: ("mean", "cls"; ``pooling.py``); ``None``: PMA alone (the paper; students before it).
+    base_pooling: str | None = None
     pma_ffn_size: int | None = None
     iem_hidden_size: int = 512
     iem_cosine_skip: bool = True
@@ -81,6 +85,7 @@ class D2LLMConfig:
             raise ValueError("backbone_layers must be a positive number of layers or None")
         if self.max_query_length < 1 or self.max_passage_length < 1:
             raise ValueError("max_query_length and max_passage_length must be positive")
+        check_base_pooling(self.base_pooling)
         self.fusion = check_fusion(self.fusion)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,19 +31,8 @@ from llama_index_d2llm.student.body import (
     no_cache_kwargs,
     truncate_layers,
 )
-from llama_index_d2llm.student.config import (
-    ADAPTER_DIR,
-    CONFIG_NAME,
-    HEADS_NAME,
-    MERGED_BACKBONE_DIR,
-    D2LLMConfig,
-    LoraSettings,
-)
-from llama_index_d2llm.student.errors import CheckpointError
-from llama_index_d2llm.student.files import (
-    apply_default_modes,
-    staged_directory,
-)
+from llama_index_d2llm.student.checkpoint import hidden_size, load_student, save_student
+from llama_index_d2llm.student.config import D2LLMConfig, LoraSettings
 from llama_index_d2llm.student.fusion import (
     FusionWeights,
     check_first_stage,
@@ -54,21 +43,16 @@ from llama_index_d2llm.student.iem import InteractionEmulation
 from llama_index_d2llm.student.lora import is_peft, wrap_lora
 from llama_index_d2llm.student.modes import eval_mode
 from llama_index_d2llm.student.pma import PMAPooling
-from llama_index_d2llm.student.storage import (  # the directory format
-    ADAPTER_CONFIG_NAME,
-    FINGERPRINT_VERSION_KEY,
-    STUDENT_FILES,
-    check_adapter_config,
-    check_student_target,
-    compute_fingerprint,
-    load_safetensors,
-    student_backbone,
-)
+from llama_index_d2llm.student.pooling import declared_pooling, declared_prompts
+from llama_index_d2llm.student.storage import FINGERPRINT_VERSION_KEY, compute_fingerprint
 from llama_index_d2llm.student.tasks import Task
+from llama_index_d2llm.student.texts import check_texts, check_unicode
 
 logger = logging.getLogger(__name__)
 
 TextKind = Literal["query", "passage"]
+#: ``from_backbone(base_pooling=AUTO)``: the pooling the model declares, else mean pooling.
+AUTO = "auto"
 VectorsLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[float]
 
 def _as_float_tensor(values: VectorsLike) -> torch.Tensor:
@@ -86,7 +70,8 @@ class D2LLMStudent(nn.Module):
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
-        self.pma = PMAPooling(config.hidden_size, config.pma_heads, config.pma_ffn_size)
+        self.pma = PMAPooling(config.hidden_size, config.pma_heads, config.pma_ffn_size,
+                              base_pooling=config.base_pooling)
         self.iem = InteractionEmulation(config.hidden_size, config.iem_hidden_size,
                                         cosine_skip=config.iem_cosine_skip)
         self.backbone_dtype = dtype
@@ -112,20 +97,28 @@ class D2LLMStudent(nn.Module):
         iem_cosine_skip: bool = True,
         max_query_length: int = 64,
         max_passage_length: int = 256,
-        query_instruction: str = "Query: ",
-        passage_instruction: str = "Passage: ",
+        base_pooling: str | None = AUTO,
+        query_instruction: str | None = None,
+        passage_instruction: str | None = None,
         normalize: bool = True,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
         seed: int | None = None,
     ) -> D2LLMStudent:
-        """A new student around any Hugging Face causal LM (hub id or local directory).
+        """A new student around a Hugging Face encoder or causal LM (hub id or local directory).
 
         With no name, the offline default Gemma 3 270M (converted once, then cached).
         ``backbone_layers`` keeps only the first N transformer layers (faster, and a middle
-        layer is often the better embedding). The heads are freshly initialised: distil them
-        before use (``d2llm-rag distill``).
+        layer is often the better embedding).
+
+        ``base_pooling="auto"`` starts from the pooling the model declares (a
+        sentence-transformers folder: mean for all-MiniLM-L6-v2, CLS for bge), else from mean
+        pooling; ``None`` is the paper's PMA alone (``pooling.py``). With a base pooling the
+        untrained student embeds exactly as that pooling does, and its IEM ranks as the
+        cosine does: distillation starts from the encoder, not from random heads.
+        Instructions (``None``: automatic) are the prompts a sentence-transformers model
+        declares (none for all-MiniLM-L6-v2), else "Query: " and "Passage: ".
         """
         if seed is not None:
             torch.manual_seed(seed)
@@ -136,9 +129,17 @@ class D2LLMStudent(nn.Module):
         body = truncate_layers(load_body(path, dtype, trust_remote_code), backbone_layers)
         check_max_lengths(body.config, tokenizer, name_or_path or DEFAULT_BACKBONE_NAME,
                           query=max_query_length, passage=max_passage_length)
+        declared = declared_pooling(path)
+        if base_pooling == AUTO:
+            base_pooling = declared or "mean"
+        prompts = declared_prompts(path) if declared else None
+        if query_instruction is None:
+            query_instruction = prompts[0] if prompts else "Query: "
+        if passage_instruction is None:
+            passage_instruction = prompts[1] if prompts else "Passage: "
         config = D2LLMConfig(
             backbone=name_or_path, backbone_layers=backbone_layers,
-            hidden_size=_hidden_size(body), pma_heads=pma_heads,
+            hidden_size=hidden_size(body), pma_heads=pma_heads, base_pooling=base_pooling,
             pma_ffn_size=pma_ffn_size, iem_hidden_size=iem_hidden_size,
             iem_cosine_skip=iem_cosine_skip,
             max_query_length=max_query_length, max_passage_length=max_passage_length,
@@ -164,83 +165,10 @@ class D2LLMStudent(nn.Module):
 
         Code shipped with the backbone runs only with ``trust_remote_code=True`` from the
         caller: the student directory's own ``trust_remote_code`` is data from whoever wrote
-        it, so it can ask for the flag but never turn it on.
+        it, so it can ask for the flag but never turn it on (``checkpoint.py``).
         """
-        directory = Path(directory).expanduser()
-        config_path = directory / CONFIG_NAME
-        if not directory.is_dir():
-            raise CheckpointError(
-                f"no student directory at {str(directory)!r}: pass the --output directory of "
-                "`d2llm-rag distill` (or train one: d2llm-rag distill --corpus DOCS --output DIR)"
-            )
-        if not config_path.exists():
-            raise CheckpointError(
-                f"{str(directory)!r} has no {CONFIG_NAME}, so it is not a D2LLM student (or its "
-                "save was interrupted): distill or save it again"
-            )
-        config = D2LLMConfig.from_json_file(config_path)
-        heads = load_safetensors(directory / HEADS_NAME)
-        adapter_dir = directory / ADAPTER_DIR
-        adapter = None
-        if config.lora is not None:
-            adapter = load_safetensors(adapter_dir / "adapter_model.safetensors")
-        fingerprint = compute_fingerprint(config, heads, adapter)
-        if config.fingerprint is not None and fingerprint != config.fingerprint:
-            raise CheckpointError(
-                f"the weights or settings in {str(directory)!r} do not match the fingerprint "
-                f"recorded in {CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files "
-                "are corrupt or were edited; restore them or distill the student again"
-            )
-        path = student_backbone(config, directory)
-        if config.trust_remote_code and trust_remote_code is not True:
-            raise CheckpointError(
-                f"the student in {str(directory)!r} asks to run Python code shipped with its "
-                f"backbone {path!r} (trust_remote_code in {CONFIG_NAME}), which a student "
-                "directory cannot turn on by itself: if you trust that code, load it with "
-                "trust_remote_code=True (d2llm-rag: --trust-remote-code); otherwise do not "
-                "use this student"
-            )
-        remote = bool(trust_remote_code)
-        if adapter is not None:
-            check_adapter_config(adapter_dir, config)
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        tokenizer = load_tokenizer(path, remote)
-        try:
-            body = truncate_layers(load_body(path, dtype, remote), config.backbone_layers)
-        except ValueError as exc:
-            raise CheckpointError(f"{exc}: the student was distilled from another backbone "
-                                  f"than {path!r}") from exc
-        if _hidden_size(body) != config.hidden_size:
-            raise CheckpointError(
-                f"backbone {path!r} has hidden size {_hidden_size(body)}, the student was trained "
-                f"on one of {config.hidden_size}: point `backbone` in {CONFIG_NAME} at the model "
-                "it was distilled from"
-            )
-        if adapter is not None:
-            from peft import PeftModel
-
-            try:
-                body = PeftModel.from_pretrained(body, str(adapter_dir), is_trainable=trainable)
-            except Exception as exc:  # peft and torch raise many kinds; the cause is chained
-                raise CheckpointError(
-                    f"the LoRA adapter in {str(adapter_dir)!r} does not fit the backbone "
-                    f"{path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
-                    f"{ADAPTER_CONFIG_NAME} was edited or belongs to another student; restore "
-                    "the directory or distill the student again"
-                ) from exc
-            if not trainable:
-                body = body.merge_and_unload()
-        student = cls(config, body, tokenizer, device, dtype)
-        missing, unexpected = student.heads_module().load_state_dict(heads, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{HEADS_NAME} in {str(directory)!r} does not fit this student (missing "
-                f"{missing}, unexpected {unexpected}): it was written by another version"
-            )
-        student._loaded_fingerprint = None if trainable else fingerprint
-        student.train(trainable)
-        return student
+        return load_student(cls, directory, device=device, dtype=dtype, trainable=trainable,
+                            trust_remote_code=trust_remote_code)
 
     # ------------------------------------------------------------------ identity
     def heads_module(self) -> nn.ModuleDict:
@@ -300,7 +228,7 @@ class D2LLMStudent(nn.Module):
         """Instruction + text, truncated at the end to the student's max length, padded."""
         if kind not in ("query", "passage"):
             raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
-        _check_texts(texts)
+        check_texts(texts)
         instruction = (self.config.query_instruction if kind == "query"
                        else self.config.passage_instruction)
         check_unicode(instruction, f"the {kind} instruction")
@@ -354,7 +282,7 @@ class D2LLMStudent(nn.Module):
         texts = list(texts)
         if not texts:
             return torch.empty(0, self.dimension)
-        _check_texts(texts)  # here too: an error names the text by its place in the input
+        check_texts(texts)  # here too: an error names the text by its place in the input
         lengths = [len(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         output = torch.empty(len(texts), self.dimension)
@@ -427,69 +355,4 @@ class D2LLMStudent(nn.Module):
         backbone and its tokenizer are written under ``backbone/`` and the student no longer
         depends on the original model.
         """
-        from safetensors.torch import save_file
-
-        if self._loaded_fingerprint is not None and self.config.lora is not None and not merged:
-            raise CheckpointError(
-                "this student's LoRA was merged into the backbone at load time, so the adapter "
-                "cannot be saved on its own: load it with trainable=True, or save with merged=True"
-            )
-        directory = Path(directory).expanduser().resolve()
-        check_student_target(directory, STUDENT_FILES)
-        with staged_directory(directory) as work:
-            config = copy.deepcopy(self.config)
-            heads = {k: v.detach().float().cpu().contiguous()
-                     for k, v in self.heads_module().state_dict().items()}
-            save_file(heads, str(work / HEADS_NAME), metadata={"format": "pt"})
-            if merged:
-                body = self.backbone
-                if is_peft(body):
-                    body = copy.deepcopy(body).merge_and_unload()
-                body.save_pretrained(work / MERGED_BACKBONE_DIR, safe_serialization=True)
-                self.tokenizer.save_pretrained(work / MERGED_BACKBONE_DIR)
-                config.backbone = MERGED_BACKBONE_DIR
-                config.lora = None
-                adapter = None
-            elif is_peft(self.backbone):
-                self.backbone.save_pretrained(work / ADAPTER_DIR, safe_serialization=True)
-                adapter = load_safetensors(work / ADAPTER_DIR / "adapter_model.safetensors")
-            else:
-                config.lora = None
-                adapter = None
-            config.fingerprint = compute_fingerprint(config, load_safetensors(
-                work / HEADS_NAME), adapter)
-            config.to_json_file(work / CONFIG_NAME)
-            apply_default_modes(work)
-            check_student_target(directory, STUDENT_FILES)  # again: it may have changed since
-        if not merged:
-            self.config.fingerprint = config.fingerprint
-        return directory
-
-
-def _hidden_size(body: nn.Module) -> int:
-    config = body.config
-    text_config = getattr(config, "text_config", None) or config
-    return int(text_config.hidden_size)
-
-
-def _check_texts(texts: Sequence[str]) -> None:
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"text {i} is a {type(text).__name__}, not a string")
-        if not text.strip():
-            raise ValueError(
-                f"text {i} is empty: empty texts have no meaning to embed; drop them first"
-            )
-        check_unicode(text, f"text {i}")
-
-
-def check_unicode(text: str, what: str) -> None:
-    """Refuse lone surrogates (e.g. from ``json`` escapes): tokenizers fail on them obscurely."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{what} is not valid Unicode: it holds a lone surrogate "
-            f"{text[exc.start]!r} at position {exc.start} (half of a UTF-16 pair): repair the "
-            "text, e.g. decode its source with errors='replace'"
-        ) from None
+        return save_student(self, directory, merged)

@@ -12,6 +12,10 @@ training step): a head's scores are ``x_t . (W_k,h^T q_h)`` (the key bias only s
 scores of a head equally, so it cancels in the softmax), and since the weights sum to one its
 output is ``W_v,h (sum_t a_t x_t) + b_v,h``. That is ``tokens x hidden x heads`` work, the same
 function as ``nn.MultiheadAttention`` with the same parameters (kept, so checkpoints load).
+
+With ``base_pooling`` ("mean", "cls": ``pooling.py``) the output is the backbone's own pooling
+plus a gated PMA, ``base_pool(H) + gate * PMA(H)`` with ``gate`` starting at 0: an untrained
+student embeds exactly as its encoder does, and training learns how much PMA to add.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llama_index_d2llm.student.pooling import base_pool, check_base_pooling
+
 
 class PMAPooling(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int = 32, ffn_size: int | None = None):
+    def __init__(self, hidden_size: int, num_heads: int = 32, ffn_size: int | None = None,
+                 base_pooling: str | None = None):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(
@@ -38,6 +45,9 @@ class PMAPooling(nn.Module):
             nn.Linear(hidden_size, ffn_size), nn.ReLU(), nn.Linear(ffn_size, hidden_size)
         )
         self.norm_ffn = nn.LayerNorm(hidden_size)
+        self.base_pooling = check_base_pooling(base_pooling)
+        if self.base_pooling is not None:  # only then: older checkpoints have no gate
+            self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pool ``(batch, tokens, hidden)`` states into ``(batch, hidden)``.
@@ -54,7 +64,11 @@ class PMAPooling(nn.Module):
         else:
             attended = self._attend_with_one_query(token_states, attention_mask)
         h = self.norm_attention(seed + attended)
-        return self.norm_ffn(h + self.ffn(h)).squeeze(1)
+        pooled = self.norm_ffn(h + self.ffn(h)).squeeze(1)
+        if self.base_pooling is None:
+            return pooled
+        base = base_pool(token_states, attention_mask, self.base_pooling)
+        return base + self.gate.to(pooled.dtype) * pooled
 
     def _attend_with_one_query(self, token_states: torch.Tensor,
                                attention_mask: torch.Tensor) -> torch.Tensor:

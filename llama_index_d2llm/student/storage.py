@@ -56,6 +56,8 @@ def compute_fingerprint(config: D2LLMConfig, heads: dict[str, torch.Tensor],
                 config.query_instruction, config.passage_instruction, config.normalize]
     if config.backbone_layers is not None:  # absent from older fingerprints: keep them valid
         identity.append(("backbone_layers", config.backbone_layers))
+    if config.base_pooling is not None:  # the same
+        identity.append(("base_pooling", config.base_pooling))
     if config.extra.get(FINGERPRINT_VERSION_KEY, 1) >= 2:
         lora = config.lora
         identity.append(("settings", config.max_query_length, config.max_passage_length,
