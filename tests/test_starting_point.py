@@ -234,3 +234,25 @@ def test_titles_and_headings_are_queries_of_their_passages(tmp_path):
                 *load_corpus(docs, max_tokens=400)]
     assert [(q.text, q.positives) for q in heading_queries(passages)] == [
         ("The csv module", ["csv.md#0"])]  # the first heading of the chunk
+
+
+def test_the_embedding_serves_the_untrained_starting_encoder_by_name(tmp_path, monkeypatch):
+    """``D2LLMEmbedding("minilm")`` is the starting encoder as it ships (here a tiny encoder
+    under a test alias): its own vectors, and the same fingerprint in every process."""
+    import sys
+    import types
+
+    from llama_index_d2llm import D2LLMEmbedding
+    from llama_index_d2llm.student import backbone
+
+    encoder = str(build_tiny_encoder(tmp_path / "encoder", max_positions=512))
+    module = types.ModuleType("tiny_alias_model")
+    module.get_model_path = lambda: encoder
+    monkeypatch.setitem(sys.modules, "tiny_alias_model", module)
+    monkeypatch.setitem(backbone.BACKBONE_ALIASES, "tinyenc", ("tiny-alias", "tiny_alias_model"))
+    first = D2LLMEmbedding("tinyenc", dtype="float32")
+    second = D2LLMEmbedding("tinyenc", dtype="float32")
+    assert first.fingerprint == second.fingerprint
+    vectors = torch.tensor(first.get_text_embedding_batch(TEXTS))
+    assert torch.allclose(vectors, pooled_backbone(first.student, TEXTS, "mean"), atol=1e-5)
+    assert first.student.fusion("hybrid").lexical == 0.5  # the default fusion, no IEM
