@@ -36,10 +36,10 @@ from examples.chatbot.extract import (
     word_runs,
 )
 from examples.chatbot.repetition import NoRepeatInReply, RepetitionGuard, guard_stream
+from tests.tiny_models import LOOPING_LINE as LINE
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample_corpus" / "python_stdlib"
-LINE = "a dog runs in the park .\n"
 
 
 def repeated_lines(text: str, min_chars: int = 12) -> list[str]:
@@ -48,37 +48,6 @@ def repeated_lines(text: str, min_chars: int = 12) -> list[str]:
 
 
 # ============================================================================ a looping model
-@pytest.fixture(scope="module")
-def looping_lm(tmp_path_factory) -> str:
-    """A tiny Llama that writes ``LINE`` over and over, whatever the prompt.
-
-    Attention and MLP outputs are zeroed, so the last hidden state is the current token's
-    embedding; the embeddings of LINE's tokens are basis vectors and the output layer maps
-    each to the next token of the line: a bigram model stuck in one cycle.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.tiny_models import build_tiny_causal_lm
-
-    directory = build_tiny_causal_lm(tmp_path_factory.mktemp("looping-lm"))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    cycle = tokenizer(LINE, add_special_tokens=False)["input_ids"]
-    assert len(set(cycle)) == len(cycle) <= model.config.hidden_size
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.zero_()
-        model.lm_head.weight.zero_()
-        for i, token in enumerate(cycle):
-            model.model.embed_tokens.weight[token].zero_()
-            model.model.embed_tokens.weight[token, i] = 1.0
-            model.lm_head.weight[cycle[(i + 1) % len(cycle)], i] = 10.0
-    model.save_pretrained(directory)
-    return str(directory)
-
-
 def test_the_looping_model_loops_without_the_controls(looping_lm):
     """The fixture is honest: with every control off, the reply is LINE again and again."""
     from examples.chatbot.llm import TransformersLLM

@@ -94,6 +94,7 @@ class TransformersLLM(CustomLLM):
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _running: set[threading.Event] = PrivateAttr(default_factory=set)  # halts of open streams
 
     def __init__(self, model_path: str | Path | None = None, **kwargs: Any) -> None:
         if model_path is None:
@@ -155,6 +156,15 @@ class TransformersLLM(CustomLLM):
         return question_answer_prompt(messages)
 
     # ------------------------------------------------------------------ generation
+    def interrupt(self) -> None:
+        """Stop every generation in progress after its current token (from any thread).
+
+        A reader that goes away (a closed browser tab) must not leave the model generating
+        for nobody while it holds the lock every later answer waits for.
+        """
+        for halt in list(self._running):
+            halt.set()
+
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         text = ""
@@ -219,6 +229,7 @@ class TransformersLLM(CustomLLM):
                 streamer.end()
 
         worker = threading.Thread(target=generate, name="llm-generate", daemon=True)
+        self._running.add(halt)
         worker.start()
         text = shown = ""
         finished = False
@@ -245,6 +256,7 @@ class TransformersLLM(CustomLLM):
                 for _ in streamer:
                     pass
             worker.join()
+            self._running.discard(halt)
         if failure:
             raise failure[0]
 

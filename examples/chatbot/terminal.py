@@ -77,6 +77,8 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
                 stdout.flush()
         except KeyboardInterrupt:
             stdout.write(" [stopped]")
+        finally:
+            reply.close()  # a stopped answer frees the LLM
         stdout.write("\n")
         if show_sources:
             print("sources (ranked by D2LLM):", file=stdout)
