@@ -321,6 +321,30 @@ def test_terminal_chat_loop(docs, tiny_student_dir, tiny_llm, tmp_path):
     assert "(new conversation)" in text and "never asked" not in text
 
 
+class _EchoConversation:
+    """Answers with the question it was asked: the terminal's reading, without models."""
+
+    def ask(self, question: str):
+        from examples.chatbot.chat import Reply
+
+        return Reply(question=question, sources=[], tokens=iter([f"you asked: {question}"]))
+
+
+def test_terminal_chat_survives_input_that_is_not_utf8():
+    """Issue 22.6: `printf 'flu \\xff\\xfe fever\\n' | ... terminal` ended with a traceback."""
+    from types import SimpleNamespace
+
+    from examples.chatbot.terminal import chat_loop
+
+    chatbot = SimpleNamespace(new_conversation=_EchoConversation)
+    stdin = io.TextIOWrapper(io.BytesIO(b"flu \xff\xfe fever\nand cough\n"), encoding="utf-8")
+    stdout = io.StringIO()
+    assert chat_loop(chatbot, stdin, stdout) == 2
+    text = stdout.getvalue()
+    assert "not UTF-8" in text and "you asked: flu \ufffd\ufffd fever" in text
+    assert "you asked: and cough" in text
+
+
 def test_terminal_and_ingest_commands(docs, tiny_student_dir, tiny_backbone, tmp_path,
                                       monkeypatch, capsys):
     from examples.chatbot.__main__ import main

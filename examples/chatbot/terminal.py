@@ -12,6 +12,7 @@ condensed with the conversation. Commands: /reset, /sources, /quit.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from typing import TextIO
 
@@ -42,6 +43,8 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
     """Read questions until /quit or end of input; return how many were answered."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    if isinstance(stdin, io.TextIOWrapper) and stdin.errors == "strict":
+        stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 must not end the chat
     conversation = chatbot.new_conversation()
     answered = 0
     print(HELP, file=stdout)
@@ -55,6 +58,9 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
         question = line.strip()
         if not question:
             continue
+        if "\ufffd" in question:
+            print("(your input held bytes that are not UTF-8; they were replaced with U+FFFD: "
+                  "set the terminal's encoding to UTF-8)", file=stdout)
         if question in ("/quit", "/exit"):
             return answered
         if question == "/reset":
