@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_index_d2llm.student.errors import D2LLMError
+from llama_index_d2llm.text_blocks import text_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,10 @@ def _load_documents(root: Path, *, max_tokens: int | None, tokenizer: Any, chunk
     passages: list[Passage] = []
     for file in files:
         relative = Path(file).relative_to(base).as_posix()
-        chunks = [chunk for text in _read_file(Path(file), reader)
-                  for chunk in (splitter(text) if splitter else [text])]
+        chunks = _read_file(Path(file), reader)
+        if splitter is not None:  # a long text in blocks: the splitter takes any whole
+            chunks = [chunk for text in chunks for block in text_blocks(text, str(file))
+                      for chunk in splitter(block)]
         chunks = [chunk.strip() for chunk in chunks if chunk.strip()]
         passages.extend(Passage(f"{relative}#{number}", chunk)
                         for number, chunk in enumerate(chunks))
