@@ -345,6 +345,23 @@ def test_terminal_chat_survives_input_that_is_not_utf8():
     assert "you asked: and cough" in text
 
 
+def test_a_question_too_long_for_the_llm_is_refused_saying_how_long_it_may_be():
+    """Issue 22.10: a 60 KB web message gave LlamaIndex's "Calculated available context size
+    -11605 was not non-negative."."""
+    from examples.chatbot.chat import MAX_QUESTION_CHARS, Conversation
+
+    class Overflowing:
+        def stream_chat(self, question):
+            raise ValueError("Calculated available context size -17 was not non-negative.")
+
+    conversation = Conversation(Overflowing())
+    with pytest.raises(ChatbotError, match="the question is 60,000 characters long: ask in at "
+                       f"most {MAX_QUESTION_CHARS:,}"):
+        conversation.ask("How do I parse a CSV file? " * 2222 + "How do")
+    with pytest.raises(ChatbotError, match="do not fit the LLM's context window.*--top-n"):
+        conversation.ask("How do I parse a CSV file?")
+
+
 def test_terminal_and_ingest_commands(docs, tiny_student_dir, tiny_backbone, tmp_path,
                                       monkeypatch, capsys):
     from examples.chatbot.__main__ import main

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import re
 from collections.abc import Collection, Sequence
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 GENERATION_VERSION = "generate-queries-v2"  # v1 could cut the few-shot examples off
+#: The score column's name in a qrels header line ("query-id corpus-id score" in BEIR); any
+#: other word there is a score that is not a number.
+_QRELS_SCORE_HEADERS = frozenset({"score", "label", "relevance", "rel"})
 #: Moved to ``pairs.py``; still importable from here.
 _PAIR_NAMES = frozenset({"NLI_LABEL_SCORES", "STS_MAX_SCORE", "SymmetricPair", "load_pairs"})
 
@@ -68,6 +72,7 @@ def load_queries(queries_path: str | Path, qrels_path: str | Path,
         if not path.is_file():
             raise QueryError(f"the {what} {str(path)!r} does not exist: pass the BEIR file")
     texts: dict[str, str] = {}
+    empty: list[str] = []
     for number, record in read_jsonl(queries_path, QueryError):
         query_id = record.get("_id", record.get("id"))
         text = str(record.get("text") or "").strip()
@@ -79,6 +84,11 @@ def load_queries(queries_path: str | Path, qrels_path: str | Path,
                              "query ids must be unique; remove the duplicate line")
         if text:
             texts[str(query_id)] = text
+        else:
+            empty.append(str(query_id))
+    if empty:
+        logger.warning("skipping %d queries with no text in %s (e.g. %s)", len(empty),
+                       queries_path, ", ".join(empty[:5]))
     positives = _read_qrels(qrels_path)
     known = passage_ids if isinstance(passage_ids, set | frozenset | dict) else set(passage_ids)
     unknown = sorted({doc for query_id, docs in positives.items() if query_id in texts
@@ -125,10 +135,12 @@ def _read_qrels(path: Path) -> dict[str, list[str]]:
         try:
             value = float(score)
         except ValueError:
-            if number == 1:  # the BEIR header
+            if number == 1 and score.strip().lower() in _QRELS_SCORE_HEADERS:  # a header
                 continue
-            raise QueryError(f"{path}:{number}: score {score!r} is not a number; fix that line"
-                             ) from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise QueryError(f"{path}:{number}: score {score!r} is not a number (0 for not "
+                             "relevant, 1 or more for relevant); fix that line")
         if value > 0:
             docs = positives.setdefault(query_id.strip(), [])
             if doc_id.strip() not in docs:
@@ -216,7 +228,13 @@ def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: 
                                 "raw": outputs}
         if cache_file is not None:
             _write_generated(cache_file, done)
-    return _assemble(chosen, done)
+    queries = _assemble(chosen, done)
+    if chosen and not queries:
+        raw = f" (what it wrote is in {cache_file})" if cache_file is not None else ""
+        raise QueryError(f"the teacher wrote no usable query for any of the {len(chosen)} "
+                         f"passages{raw}: use a larger or instruction-tuned --teacher, or pass "
+                         "your own --queries and --qrels")
+    return queries
 
 
 def clean_generated_query(text: str) -> str:

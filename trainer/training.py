@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -216,8 +217,10 @@ class DistillationTrainer:
             clear_checkpoints(self.root)  # a fresh run: stale ones must not be resumed later
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
             _inner(optimizer), _warmup(state.warmup_steps), last_epoch=-1)
-        for _ in range(state.step):
-            run.scheduler.step()
+        with warnings.catch_warnings():  # replaying the steps done, not training out of order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for _ in range(state.step):
+                run.scheduler.step()
         if config.show_progress and accelerator.is_local_main_process:
             from tqdm.auto import tqdm
 

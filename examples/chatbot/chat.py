@@ -29,6 +29,12 @@ DEFAULT_CONTEXT_PROMPT = (
 )
 
 
+#: Longest question asked (about 1,000 tokens): the student reads a query's first
+#: ``max_query_length`` tokens (64 by default), and a 60 KB message overflowed the LLM's
+#: context with LlamaIndex's "Calculated available context size -11605 was not non-negative".
+MAX_QUESTION_CHARS = 4_000
+
+
 @dataclass(frozen=True)
 class Source:
     """One passage behind an answer: D2LLM's rank and score, and the first stage's."""
@@ -109,10 +115,22 @@ class Conversation:
         question = (question or "").strip()
         if not question:
             raise ChatbotError("the question is empty: type a question")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ChatbotError(
+                f"the question is {len(question):,} characters long: ask in at most "
+                f"{MAX_QUESTION_CHARS:,} (the search reads only its first few dozen words; put "
+                "documents in the --docs folder)")
         try:
             response = self.engine.stream_chat(question)
         except D2LLMError as exc:  # StudentMismatchError and friends from the retriever
             raise ChatbotError(str(exc)) from None
+        except ValueError as exc:  # LlamaIndex's prompt helper: "available context size -N"
+            if "available context size" not in str(exc):
+                raise
+            raise ChatbotError(
+                "the question, the conversation so far and the passages do not fit the LLM's "
+                "context window: ask a shorter question, start a new conversation (/reset), or "
+                "lower --top-n") from None
         return Reply(question=question, sources=sources_from_nodes(response.source_nodes),
                      tokens=response.response_gen, mode=self.mode,
                      interrupt_llm=self.interrupt_llm)
