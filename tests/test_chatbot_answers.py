@@ -95,6 +95,25 @@ def test_a_looping_llm_never_reaches_the_user(looping_lm, tmp_path, tiny_student
         chatbot.documents.client.close()
 
 
+def test_a_stream_left_open_does_not_abort_the_exit(looping_lm):
+    """A script that stops reading a stream and keeps it exited with SIGABRT ("terminate
+    called without an active exception", status 134): the generating thread was still in
+    torch when the interpreter tore down."""
+    import subprocess
+    import sys
+
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from examples.chatbot.llm import TransformersLLM\n"
+              f"llm = TransformersLLM({looping_lm!r}, max_new_tokens=100_000, "
+              "context_window=200_000, repetition_guard=False)\n"
+              "stream = llm.stream_complete('the cat', formatted=True)\n"
+              "next(stream)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     import time
 

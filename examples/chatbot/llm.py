@@ -9,6 +9,7 @@ package when one is missing.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,22 @@ LLM_SPEC_HELP = (
 # A base (not instruction-tuned) model keeps writing the next turn of the document;
 # these markers end its answer there.
 DEFAULT_STOP = ("\nQuestion:", "\nuser:", "\nUser:", "\nassistant:", "\n\n\n")
+
+
+#: Every generation running in this process, by its halt event: stopped at exit (below).
+_GENERATIONS: dict[threading.Event, threading.Thread] = {}
+
+
+@atexit.register
+def _stop_generations() -> None:
+    """Halt and join what still generates when the interpreter exits: a stream left open (a
+    script that stopped reading and kept it) left its daemon thread inside torch, which the
+    interpreter's teardown then aborted ("terminate called without an active exception",
+    exit status 134)."""
+    for halt in list(_GENERATIONS):
+        halt.set()
+    for worker in list(_GENERATIONS.values()):
+        worker.join(timeout=30)
 
 
 class LLMSpecError(ValueError):
@@ -230,6 +247,7 @@ class TransformersLLM(CustomLLM):
 
         worker = threading.Thread(target=generate, name="llm-generate", daemon=True)
         self._running.add(halt)
+        _GENERATIONS[halt] = worker
         worker.start()
         text = shown = ""
         finished = False
@@ -257,6 +275,7 @@ class TransformersLLM(CustomLLM):
                     pass
             worker.join()
             self._running.discard(halt)
+            _GENERATIONS.pop(halt, None)
         if failure:
             raise failure[0]
 
