@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import re
 from collections.abc import Collection, Sequence
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from llama_index_d2llm.student.errors import D2LLMError
 from llama_index_d2llm.student.files import atomic_write_text
+from llama_index_d2llm.trainer.beir import qrels_score
 from llama_index_d2llm.trainer.cache import content_key
 from llama_index_d2llm.trainer.corpus import Passage, read_jsonl
 from llama_index_d2llm.trainer.prompts import (
@@ -35,9 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 GENERATION_VERSION = "generate-queries-v2"  # v1 could cut the few-shot examples off
-#: The score column's name in a qrels header line ("query-id corpus-id score" in BEIR); any
-#: other word there is a score that is not a number.
-_QRELS_SCORE_HEADERS = frozenset({"score", "label", "relevance", "rel"})
 #: Moved to ``pairs.py``; still importable from here.
 _PAIR_NAMES = frozenset({"NLI_LABEL_SCORES", "STS_MAX_SCORE", "SymmetricPair", "load_pairs"})
 
@@ -133,14 +130,11 @@ def _read_qrels(path: Path) -> dict[str, list[str]]:
             )
         query_id, doc_id, score = fields[0], fields[-2], fields[-1]
         try:
-            value = float(score)
-        except ValueError:
-            if number == 1 and score.strip().lower() in _QRELS_SCORE_HEADERS:  # a header
-                continue
-            value = math.nan
-        if not math.isfinite(value):
-            raise QueryError(f"{path}:{number}: score {score!r} is not a number (0 for not "
-                             "relevant, 1 or more for relevant); fix that line")
+            value = qrels_score(score, number)
+        except ValueError as exc:
+            raise QueryError(f"{path}:{number}: {exc}; fix that line") from None
+        if value is None:  # the header
+            continue
         if value > 0:
             docs = positives.setdefault(query_id.strip(), [])
             if doc_id.strip() not in docs:
