@@ -345,6 +345,41 @@ def test_terminal_chat_survives_input_that_is_not_utf8():
     assert "you asked: and cough" in text
 
 
+def test_ctrl_c_in_the_terminal_stops_the_answer_not_the_chat():
+    """Ctrl-C while searching went out of the chat (exit 130); mid-answer it left the reply
+    open, and with it the LLM's generation."""
+    from types import SimpleNamespace
+
+    from examples.chatbot.chat import Reply
+    from examples.chatbot.terminal import chat_loop
+
+    closed = []
+
+    def interrupted_tokens():
+        try:
+            yield "the first words"
+            raise KeyboardInterrupt
+        finally:
+            closed.append(True)
+
+    class Conversation:
+        asked = 0
+
+        def ask(self, question):
+            self.asked += 1
+            if self.asked == 1:
+                raise KeyboardInterrupt  # while the passages are retrieved
+            tokens = interrupted_tokens() if self.asked == 2 else iter(["fine"])
+            return Reply(question=question, sources=[], tokens=tokens)
+
+    stdout = io.StringIO()
+    chatbot = SimpleNamespace(new_conversation=Conversation)
+    assert chat_loop(chatbot, io.StringIO("one\ntwo\nthree\n"), stdout) == 2
+    text = stdout.getvalue()
+    assert text.count("[stopped]") == 2 and "the first words [stopped]" in text
+    assert closed == [True] and text.rstrip().endswith("you>")
+
+
 def test_a_question_too_long_for_the_llm_is_refused_saying_how_long_it_may_be():
     """Issue 22.10: a 60 KB web message gave LlamaIndex's "Calculated available context size
     -11605 was not non-negative."."""

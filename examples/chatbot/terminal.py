@@ -76,6 +76,9 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
         except ChatbotError as exc:
             print(f"error: {exc}", file=stdout)
             continue
+        except KeyboardInterrupt:  # while searching: back to the prompt, not out of the chat
+            print("[stopped]", file=stdout)
+            continue
         stdout.write(f"bot> [{reply.mode}]\n" if reply.mode else "bot> ")
         try:
             for token in reply:
