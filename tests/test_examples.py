@@ -337,12 +337,17 @@ def test_terminal_chat_survives_input_that_is_not_utf8():
     from examples.chatbot.terminal import chat_loop
 
     chatbot = SimpleNamespace(new_conversation=_EchoConversation)
-    stdin = io.TextIOWrapper(io.BytesIO(b"flu \xff\xfe fever\nand cough\n"), encoding="utf-8")
+    for errors in ("strict", "surrogateescape"):  # a terminal's, and a pipe's in POSIX locale
+        stdin = io.TextIOWrapper(io.BytesIO(b"flu \xff\xfe fever\nand cough\n"),
+                                 encoding="utf-8", errors=errors)
+        stdout = io.StringIO()
+        assert chat_loop(chatbot, stdin, stdout) == 2
+        text = stdout.getvalue()
+        assert "not UTF-8" in text and "you asked: flu \ufffd\ufffd fever" in text
+        assert "you asked: and cough" in text
     stdout = io.StringIO()
-    assert chat_loop(chatbot, stdin, stdout) == 2
-    text = stdout.getvalue()
-    assert "not UTF-8" in text and "you asked: flu \ufffd\ufffd fever" in text
-    assert "you asked: and cough" in text
+    assert chat_loop(chatbot, io.StringIO("lone \udc80 surrogate\n"), stdout) == 1
+    assert "you asked: lone \ufffd surrogate" in stdout.getvalue()
 
 
 def test_ctrl_c_in_the_terminal_stops_the_answer_not_the_chat():

@@ -55,7 +55,7 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
         if not line:  # end of input (Ctrl-D)
             stdout.write("\n")
             return answered
-        question = line.strip()
+        question = _without_surrogates(line).strip()
         if not question:
             continue
         if "\ufffd" in question:
@@ -93,6 +93,15 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
             print("sources (ranked by D2LLM):", file=stdout)
             print(format_sources(reply.sources), file=stdout)
         answered += 1
+
+
+def _without_surrogates(line: str) -> str:
+    """``line`` with the bytes a ``surrogateescape`` stdin kept undecoded (the POSIX locale's
+    default, so a pipe's) replaced by U+FFFD: the student refuses lone surrogates."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return line.encode("utf-8", "replace").decode("utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:
