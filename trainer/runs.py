@@ -118,7 +118,16 @@ def fuse_runs(runs: Sequence[RunDict], method: str = "rrf") -> RunDict:
     from ranx import fuse
 
     kept = [{q: docs for q, docs in run.items() if docs} for run in runs]
+    kept = [run for run in kept if run]
+    if len(kept) < 2:  # ranx fuses two runs or more (a run with no hit at all crashed it)
+        return {q: _reciprocal_ranks(docs) for q, docs in (kept[0] if kept else {}).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numba's type-safety chatter
         fused = fuse([RanxRun(run) for run in kept], method=method)
     return {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
+
+
+def _reciprocal_ranks(docs: dict[str, float], k: int = 60) -> dict[str, float]:
+    """RRF of one ranking: ``1 / (k + rank)``, the fusion of a single run."""
+    ranked = sorted(docs, key=lambda d: -docs[d])
+    return {d: 1.0 / (k + rank) for rank, d in enumerate(ranked, start=1)}
