@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny_models import build_tiny_causal_lm
+from tests.tiny_models import build_looping_lm, build_tiny_causal_lm
 
 #: Fixtures that build a model (here or in a test module): a test that uses one, directly
 #: or through another fixture, is marked slow; `python -m pytest -m "not slow"` loads none.
@@ -26,6 +26,12 @@ def tiny_backbone(tmp_path_factory) -> str:
 def tiny_gemma_backbone(tmp_path_factory) -> str:
     """The same, with the Gemma 3 architecture of the default model."""
     return str(build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gemma"), arch="gemma3"))
+
+
+@pytest.fixture(scope="session")
+def looping_lm(tmp_path_factory) -> str:
+    """A tiny Llama that writes one line forever (``tiny_models.build_looping_lm``)."""
+    return str(build_looping_lm(tmp_path_factory.mktemp("looping-lm")))
 
 
 @pytest.fixture(scope="session")

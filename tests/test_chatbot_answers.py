@@ -36,10 +36,10 @@ from examples.chatbot.extract import (
     word_runs,
 )
 from examples.chatbot.repetition import NoRepeatInReply, RepetitionGuard, guard_stream
+from tests.tiny_models import LOOPING_LINE as LINE
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample_corpus" / "python_stdlib"
-LINE = "a dog runs in the park .\n"
 
 
 def repeated_lines(text: str, min_chars: int = 12) -> list[str]:
@@ -48,37 +48,6 @@ def repeated_lines(text: str, min_chars: int = 12) -> list[str]:
 
 
 # ============================================================================ a looping model
-@pytest.fixture(scope="module")
-def looping_lm(tmp_path_factory) -> str:
-    """A tiny Llama that writes ``LINE`` over and over, whatever the prompt.
-
-    Attention and MLP outputs are zeroed, so the last hidden state is the current token's
-    embedding; the embeddings of LINE's tokens are basis vectors and the output layer maps
-    each to the next token of the line: a bigram model stuck in one cycle.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.tiny_models import build_tiny_causal_lm
-
-    directory = build_tiny_causal_lm(tmp_path_factory.mktemp("looping-lm"))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    cycle = tokenizer(LINE, add_special_tokens=False)["input_ids"]
-    assert len(set(cycle)) == len(cycle) <= model.config.hidden_size
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.zero_()
-        model.lm_head.weight.zero_()
-        for i, token in enumerate(cycle):
-            model.model.embed_tokens.weight[token].zero_()
-            model.model.embed_tokens.weight[token, i] = 1.0
-            model.lm_head.weight[cycle[(i + 1) % len(cycle)], i] = 10.0
-    model.save_pretrained(directory)
-    return str(directory)
-
-
 def test_the_looping_model_loops_without_the_controls(looping_lm):
     """The fixture is honest: with every control off, the reply is LINE again and again."""
     from examples.chatbot.llm import TransformersLLM
@@ -124,6 +93,25 @@ def test_a_looping_llm_never_reaches_the_user(looping_lm, tmp_path, tiny_student
         assert conversation.history[1].content.count(LINE.strip()) == 1  # memory: cut too
     finally:
         chatbot.documents.client.close()
+
+
+def test_a_stream_left_open_does_not_abort_the_exit(looping_lm):
+    """A script that stops reading a stream and keeps it exited with SIGABRT ("terminate
+    called without an active exception", status 134): the generating thread was still in
+    torch when the interpreter tore down."""
+    import subprocess
+    import sys
+
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from examples.chatbot.llm import TransformersLLM\n"
+              f"llm = TransformersLLM({looping_lm!r}, max_new_tokens=100_000, "
+              "context_window=200_000, repetition_guard=False)\n"
+              "stream = llm.stream_complete('the cat', formatted=True)\n"
+              "next(stream)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
 
 
 def _wait_for(condition, timeout: float = 10.0) -> None:

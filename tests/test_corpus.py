@@ -104,10 +104,34 @@ def test_images_have_no_text_reader(tmp_path):
         load_corpus(tmp_path)
 
 
-def test_text_that_is_not_utf8_is_an_error(tmp_path):
+def test_text_that_is_not_utf8_is_an_error_that_leaves_out_that_file_only(tmp_path):
+    """Issue 22.10: the fix offered was --exclude '*.txt', every text file."""
     write(tmp_path / "latin.txt", "caf\xe9 au lait".encode("latin-1"))
-    with pytest.raises(CorpusError, match=r"cannot read .*latin\.txt.*UTF-8"):
+    write(tmp_path / "fine.txt", "Fine text.")
+    with pytest.raises(CorpusError, match=r"latin\.txt' is not UTF-8 text \(byte 0xe9 at "
+                       r"position 3\).*--exclude 'latin\.txt'"):
         load_corpus(tmp_path)
+    assert [p.id for p in load_corpus(tmp_path, exclude=["latin.txt"])] == ["fine.txt#0"]
+
+
+def test_a_symbolic_link_loop_is_named_as_such(tmp_path):
+    """Issue 22.10: a link loop was called a permissions problem."""
+    write(tmp_path / "a.txt", "Fine text.")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    with pytest.raises(CorpusError, match=r"loop1'?: it is a symbolic link that loops back on "
+                       r"itself.*--exclude 'loop1'") as error:
+        load_corpus(tmp_path)
+    assert "permission" not in str(error.value)
+
+
+def test_a_folder_of_empty_files_says_so(tmp_path):
+    """Issue 22.10: it said "No files found"."""
+    write(tmp_path / "docs" / "a.txt", "")
+    write(tmp_path / "docs" / "sub" / "b.md", "")
+    with pytest.raises(CorpusError, match=r"the 2 files under .* are all empty \(a\.txt, "
+                       r"sub/b\.md\)"):
+        load_corpus(tmp_path / "docs")
 
 
 @pytest.mark.slow

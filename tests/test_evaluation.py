@@ -142,3 +142,15 @@ def test_sts_spearman(student):
     assert -1 <= result["iem_spearman"] <= 1 and -1 <= result["cosine_spearman"] <= 1
     with pytest.raises(EvaluationError, match="at least two"):
         evaluate_pairs(student, [SymmetricPair("a", "b", None)])
+
+
+def test_fusing_with_a_run_that_found_nothing_keeps_the_other_ranking():
+    """A dev query whose words no passage has gets no BM25 hit: its run is empty, and ranx's
+    fusion crashed the distillation with "max() arg is an empty sequence"."""
+    from llama_index_d2llm.trainer.runs import fuse_runs
+
+    dense = {"q": {"a": 0.9, "b": 0.7, "c": 0.8}}
+    assert fuse_runs([dense, {"q": {}}]) == {"q": {"a": 1 / 61, "c": 1 / 62, "b": 1 / 63}}
+    assert fuse_runs([{}, {"q": {}}]) == {}
+    both = fuse_runs([dense, {"q": {"b": 3.0}}])
+    assert max(both["q"], key=both["q"].get) == "b"  # ranx's fusion, as before

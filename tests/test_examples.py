@@ -321,6 +321,87 @@ def test_terminal_chat_loop(docs, tiny_student_dir, tiny_llm, tmp_path):
     assert "(new conversation)" in text and "never asked" not in text
 
 
+class _EchoConversation:
+    """Answers with the question it was asked: the terminal's reading, without models."""
+
+    def ask(self, question: str):
+        from examples.chatbot.chat import Reply
+
+        return Reply(question=question, sources=[], tokens=iter([f"you asked: {question}"]))
+
+
+def test_terminal_chat_survives_input_that_is_not_utf8():
+    """Issue 22.6: `printf 'flu \\xff\\xfe fever\\n' | ... terminal` ended with a traceback."""
+    from types import SimpleNamespace
+
+    from examples.chatbot.terminal import chat_loop
+
+    chatbot = SimpleNamespace(new_conversation=_EchoConversation)
+    for errors in ("strict", "surrogateescape"):  # a terminal's, and a pipe's in POSIX locale
+        stdin = io.TextIOWrapper(io.BytesIO(b"flu \xff\xfe fever\nand cough\n"),
+                                 encoding="utf-8", errors=errors)
+        stdout = io.StringIO()
+        assert chat_loop(chatbot, stdin, stdout) == 2
+        text = stdout.getvalue()
+        assert "not UTF-8" in text and "you asked: flu \ufffd\ufffd fever" in text
+        assert "you asked: and cough" in text
+    stdout = io.StringIO()
+    assert chat_loop(chatbot, io.StringIO("lone \udc80 surrogate\n"), stdout) == 1
+    assert "you asked: lone \ufffd surrogate" in stdout.getvalue()
+
+
+def test_ctrl_c_in_the_terminal_stops_the_answer_not_the_chat():
+    """Ctrl-C while searching went out of the chat (exit 130); mid-answer it left the reply
+    open, and with it the LLM's generation."""
+    from types import SimpleNamespace
+
+    from examples.chatbot.chat import Reply
+    from examples.chatbot.terminal import chat_loop
+
+    closed = []
+
+    def interrupted_tokens():
+        try:
+            yield "the first words"
+            raise KeyboardInterrupt
+        finally:
+            closed.append(True)
+
+    class Conversation:
+        asked = 0
+
+        def ask(self, question):
+            self.asked += 1
+            if self.asked == 1:
+                raise KeyboardInterrupt  # while the passages are retrieved
+            tokens = interrupted_tokens() if self.asked == 2 else iter(["fine"])
+            return Reply(question=question, sources=[], tokens=tokens)
+
+    stdout = io.StringIO()
+    chatbot = SimpleNamespace(new_conversation=Conversation)
+    assert chat_loop(chatbot, io.StringIO("one\ntwo\nthree\n"), stdout) == 2
+    text = stdout.getvalue()
+    assert text.count("[stopped]") == 2 and "the first words [stopped]" in text
+    assert closed == [True] and text.rstrip().endswith("you>")
+
+
+def test_a_question_too_long_for_the_llm_is_refused_saying_how_long_it_may_be():
+    """Issue 22.10: a 60 KB web message gave LlamaIndex's "Calculated available context size
+    -11605 was not non-negative."."""
+    from examples.chatbot.chat import MAX_QUESTION_CHARS, Conversation
+
+    class Overflowing:
+        def stream_chat(self, question):
+            raise ValueError("Calculated available context size -17 was not non-negative.")
+
+    conversation = Conversation(Overflowing())
+    with pytest.raises(ChatbotError, match="the question is 60,000 characters long: ask in at "
+                       f"most {MAX_QUESTION_CHARS:,}"):
+        conversation.ask("How do I parse a CSV file? " * 2222 + "How do")
+    with pytest.raises(ChatbotError, match="do not fit the LLM's context window.*--top-n"):
+        conversation.ask("How do I parse a CSV file?")
+
+
 def test_terminal_and_ingest_commands(docs, tiny_student_dir, tiny_backbone, tmp_path,
                                       monkeypatch, capsys):
     from examples.chatbot.__main__ import main

@@ -62,6 +62,29 @@ def test_qrels_naming_unknown_documents_is_an_error_naming_them(tmp_path):
         load_queries(queries, qrels, {"d1"})
 
 
+@pytest.mark.parametrize("qrels", ["1\td1\tabc\n2\td3\t1\n", "query-id\tcorpus-id\tscore\n"
+                                   "1\td1\t1\n2\td3\tnan\n"])
+def test_a_qrels_score_that_is_not_a_number_names_its_line(tmp_path, qrels):
+    """Issue 22.10: "abc" on the first line was taken for a header, and the run said that no
+    query has a positive; NaN made a query silently irrelevant."""
+    queries = write(tmp_path / "queries.jsonl", QUERIES_JSONL)
+    path = write(tmp_path / "qrels.tsv", qrels)
+    with pytest.raises(QueryError, match=r"qrels\.tsv:[13]: score '(abc|nan)' is not a number"):
+        load_queries(queries, path, {"d1", "d2", "d3"})
+
+
+def test_queries_without_text_are_skipped_with_a_warning(tmp_path, caplog):
+    """Issue 22.10: they were dropped without a word."""
+    rows = [{"_id": "1", "text": "Cells divide."}, {"_id": "2", "text": " "},
+            {"_id": "3", "text": None}]
+    queries = write(tmp_path / "queries.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    qrels = write(tmp_path / "qrels.tsv", "1\td1\t1\n2\td2\t1\n3\td3\t1\n")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_queries(queries, qrels, {"d1", "d2", "d3"})
+    assert [q.id for q in loaded] == ["1"]
+    assert "skipping 2 queries with no text" in caplog.text and "e.g. 2, 3" in caplog.text
+
+
 def test_unreadable_or_malformed_query_files(tmp_path):
     qrels = write(tmp_path / "qrels.tsv", QRELS)
     with pytest.raises(QueryError, match="does not exist"):
@@ -200,6 +223,16 @@ def test_several_queries_per_passage_and_dedupe(tiny_teacher, monkeypatch):
     queries = generate_queries(passages, tiny_teacher, per_passage=2, show_progress=False)
     assert [(q.text, q.positives) for q in queries] == [("What is a cell?", ["a", "b"]),
                                                         ("Other?", ["b"])]
+
+
+def test_a_teacher_that_writes_no_usable_query_is_an_error_saying_so(tiny_teacher, tmp_path,
+                                                                     monkeypatch):
+    """Issue 22.10: the run went on and blamed the dev split ("no training examples")."""
+    monkeypatch.setattr(tiny_teacher, "generate", lambda prompts, **kw: ["12 34"] * len(prompts))
+    passages = [Passage("a", "The cell divides."), Passage("b", "The gene mutates.")]
+    with pytest.raises(QueryError, match=r"no usable query for any of the 2 passages \(what "
+                       r"it wrote is in .*generated-queries.*--teacher.*--queries"):
+        generate_queries(passages, tiny_teacher, cache_dir=tmp_path, show_progress=False)
 
 
 def test_generation_prompts_keep_their_few_shot_examples_whole(tiny_backbone, tmp_path):

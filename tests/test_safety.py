@@ -195,6 +195,31 @@ def test_work_dir_inside_the_output_is_refused(tmp_path, beir, tiny_backbone, ca
     assert "is inside --output" in capsys.readouterr().err
 
 
+def test_a_second_run_on_the_same_work_dir_is_refused_naming_the_first(
+        tmp_path, beir, tiny_backbone, fake_teacher, capsys):
+    """Issue 22.9: two runs into one --output (and so one work folder) both ran, the last
+    writer winning. The second, started while the first trains, is refused and told which
+    process holds the folder; the first finishes."""
+    from llama_index_d2llm.trainer.distill import distill
+
+    output = tmp_path / "student"
+    argv = ["distill", "--corpus", str(beir), "--output", str(output), "--student",
+            tiny_backbone, "--max-steps", "2", *TINY]
+    second: list[int] = []
+
+    def start_another(step: int, logs: dict) -> None:
+        if not second:
+            second.append(cli.main(argv))
+
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert distill(config, step_callback=start_another) == output
+    assert second == [cli.EXIT_USAGE]
+    err = capsys.readouterr().err
+    assert "is in use by another d2llm-rag run" in err and f"process {os.getpid()} " in err
+    assert json.loads((output / "training_summary.json").read_text())["training"]["steps"] == 2
+    assert cli.main(argv) == 0  # the lock went with the first run
+
+
 def test_redistilling_keeps_the_users_files(tmp_path, beir, tiny_backbone, fake_teacher, capsys):
     output = tmp_path / "student"
     argv = ["distill", "--corpus", str(beir), "--output", str(output), "--student",

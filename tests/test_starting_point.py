@@ -213,6 +213,52 @@ def test_when_distillation_only_loses_on_dev_the_starting_point_is_written(
                           atol=1e-6)
 
 
+def test_a_dev_gain_within_noise_does_not_replace_the_starting_point():
+    from llama_index_d2llm.trainer.floor import compare_to_start
+
+    start = {f"q{i}": 0.5 for i in range(40)}
+    noisy = {q: v + (0.3 if i % 2 else -0.28) for i, (q, v) in enumerate(start.items())}
+    clear = {q: v + 0.05 + (0.01 if i % 2 else -0.01) for i, (q, v) in enumerate(start.items())}
+    assert sum(noisy.values()) > sum(start.values())  # a higher mean ...
+    assert not compare_to_start(start, noisy).clears  # ... but within noise
+    check = compare_to_start(start, clear)
+    assert check.clears and check.queries == 40 and abs(check.gain - 0.05) < 1e-9
+    assert compare_to_start(None, clear) is None and compare_to_start(start, {}) is None
+
+
+def test_training_keeps_a_state_only_when_its_paired_dev_gain_clears_noise(
+        tmp_path, tiny_bert, monkeypatch):
+    from llama_index_d2llm.trainer import dev_ranking
+    from llama_index_d2llm.trainer.config import DistillConfig
+    from llama_index_d2llm.trainer.distill import distill
+    from tests.distill_fixtures import OverlapTeacher, write_beir
+
+    calls = []
+
+    def slightly_higher_but_noisy(self, student, encoder, chunk=64):
+        calls.append(1)
+        if len(calls) == 1:
+            per_query = {f"q{i}": 0.5 for i in range(20)}
+        else:  # mean +0.01, but half the queries lose 0.2
+            per_query = {f"q{i}": 0.5 + (0.22 if i % 2 else -0.2) for i in range(20)}
+        mean = sum(per_query.values()) / len(per_query)
+        return {dev_ranking.DEV_METRIC: mean, dev_ranking.DEV_PER_QUERY: per_query}
+
+    monkeypatch.setattr(dev_ranking.DevRanking, "evaluate", slightly_higher_but_noisy)
+    beir = write_beir(tmp_path / "beir")
+    config = DistillConfig(
+        output=str(tmp_path / "student"), corpus=str(beir / "corpus.jsonl"),
+        queries=str(beir / "queries.jsonl"), qrels=str(beir / "qrels" / "train.tsv"),
+        student=tiny_bert, pma_heads=4, iem_hidden_size=16, num_negatives=3,
+        num_easy_negatives=1, batch_size=4, epochs=2, dev_fraction=0.25, device="cpu",
+        dtype="float32", show_progress=False, max_passage_length=32, max_query_length=16,
+        lr=3e-2, seed=5)
+    output = distill(config, teacher=OverlapTeacher())
+    summary = json.loads((output / "training_summary.json").read_text())["training"]
+    assert len(calls) > 1 and summary["kept_start"] and summary["best_step"] == 0
+    assert "dev_per_query" not in json.dumps(summary)  # per-query figures stay internal
+
+
 def test_titles_and_headings_are_queries_of_their_passages(tmp_path):
     from llama_index_d2llm.trainer.corpus import load_corpus
     from llama_index_d2llm.trainer.headings import heading_queries

@@ -110,3 +110,35 @@ def build_tiny_encoder(directory: str | Path, arch: str = "bert", hidden_size: i
     model = AutoModel.from_config(config)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+#: What ``build_looping_lm``'s model writes over and over.
+LOOPING_LINE = "a dog runs in the park .\n"
+
+
+def build_looping_lm(directory: str | Path, line: str = LOOPING_LINE) -> Path:
+    """A tiny Llama that writes ``line`` over and over, whatever the prompt.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the current token's
+    embedding; the embeddings of the line's tokens are basis vectors and the output layer maps
+    each to the next token of the line: a bigram model stuck in one cycle.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = build_tiny_causal_lm(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    cycle = tokenizer(line, add_special_tokens=False)["input_ids"]
+    assert len(set(cycle)) == len(cycle) <= model.config.hidden_size
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(cycle):
+            model.model.embed_tokens.weight[token].zero_()
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[cycle[(i + 1) % len(cycle)], i] = 10.0
+    model.save_pretrained(directory)
+    return directory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,27 @@ class BeirData:
     corpus: list[Passage]
     queries: dict[str, str]
     qrels: Qrels
+
+
+#: The score column's name in a qrels header line ("query-id corpus-id score" in BEIR); any
+#: other word there is a score that is not a number.
+QRELS_SCORE_HEADERS = frozenset({"score", "label", "relevance", "rel"})
+
+
+def qrels_score(text: str, line_number: int) -> float | None:
+    """A qrels line's score, or None for a header line; a ValueError saying so for anything
+    that is not a finite number (a first line "q1 d1 abc" was taken for a header, and NaN
+    made a judged passage silently irrelevant)."""
+    try:
+        value = float(text)
+    except ValueError:
+        if line_number == 1 and text.strip().lower() in QRELS_SCORE_HEADERS:
+            return None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"score {text!r} is not a number (0 for not relevant, 1 or more for "
+                         "relevant)")
+    return value
 
 
 def read_qrels(path: str | Path) -> Qrels:
@@ -34,13 +56,11 @@ def read_qrels(path: str | Path) -> Qrels:
             raise EvaluationError(f"{path}:{number} has {len(fields)} fields; a qrels line is "
                                   "'query-id<TAB>corpus-id<TAB>score'")
         try:
-            score = int(float(fields[2]))
-        except ValueError:
-            if number == 1:
-                continue  # header
-            raise EvaluationError(f"{path}:{number}: score {fields[2]!r} is not a number"
-                                  ) from None
-        qrels.setdefault(fields[0].strip(), {})[fields[1].strip()] = score
+            score = qrels_score(fields[2], number)
+        except ValueError as exc:
+            raise EvaluationError(f"{path}:{number}: {exc}; fix that line") from None
+        if score is not None:
+            qrels.setdefault(fields[0].strip(), {})[fields[1].strip()] = int(score)
     return qrels
 
 

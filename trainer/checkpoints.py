@@ -64,8 +64,12 @@ class TrainerState:
     batch: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    #: The dev figure of the untrained student (step 0): the starting encoder, the floor.
+    #: The dev figure of the untrained student (step 0): the starting encoder, the floor;
+    #: and each dev query's share of it, which a state must beat beyond noise (``floor.py``).
     start_metric: float | None = None
+    start_per_query: dict[str, float] | None = None
+    #: The kept state's paired gain over the start: [mean, standard error, dev queries].
+    best_gain: list[float] | None = None
     #: Dev evaluations in a row without a new best (early stopping's patience counter).
     bad_evals: int = 0
     history: list[dict[str, float]] = field(default_factory=list)

@@ -15,7 +15,7 @@ from typing import Any
 
 from llama_index_d2llm.student.errors import D2LLMError
 from llama_index_d2llm.student.files import atomic_write_text
-from llama_index_d2llm.student.settings import from_known_keys
+from llama_index_d2llm.student.settings import check_finite_floats, from_known_keys
 from llama_index_d2llm.trainer.losses import LossWeights
 from llama_index_d2llm.trainer.options import SWITCH, setting
 
@@ -205,6 +205,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if isinstance(self.losses, dict):
             self.losses = LossWeights.from_dict(self.losses)
+        check_finite_floats(self, lambda name, value: ConfigError(
+            f"{_flag(name)} must be a finite number, got {value!r}"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
         positive = ["batch_size", "grad_accum", "epochs", "checkpoint_every", "lora_r",
                     "pma_heads", "iem_hidden_size", "max_query_length", "max_passage_length",
                     "teacher_batch_size", "queries_per_passage",

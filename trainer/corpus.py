@@ -9,6 +9,7 @@ stages (negatives, teacher scores) and the vector store refer to them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_index_d2llm.student.errors import D2LLMError
+from llama_index_d2llm.text_blocks import text_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +158,9 @@ def _load_documents(root: Path, *, max_tokens: int | None, tokenizer: Any, chunk
         else:
             reader = SimpleDirectoryReader(input_files=[str(root)])
             base = root.parent
-    except ValueError as exc:  # "No files found in ..."
-        raise CorpusError(
-            f"no documents found under {str(root)!r} ({exc}): add text files (.txt, .md, .pdf, "
-            "...) or point at another folder"
-        ) from exc
+    except ValueError as exc:  # "No files found in ...", empty files left out
+        raise CorpusError(f"{_no_files(root, exclude)}: add text files (.txt, .md, .pdf, ...) "
+                          "or point at another folder") from exc
     files = sorted(reader.input_files, key=lambda f: Path(f).relative_to(base).as_posix())
     if show_progress:
         from tqdm.auto import tqdm
@@ -169,47 +169,90 @@ def _load_documents(root: Path, *, max_tokens: int | None, tokenizer: Any, chunk
     passages: list[Passage] = []
     for file in files:
         relative = Path(file).relative_to(base).as_posix()
-        chunks = [chunk for text in _read_file(Path(file), reader)
-                  for chunk in (splitter(text) if splitter else [text])]
+        chunks = _read_file(Path(file), relative, reader)
+        if splitter is not None:  # a long text in blocks: the splitter takes any whole
+            chunks = [chunk for text in chunks for block in text_blocks(text, str(file))
+                      for chunk in splitter(block)]
         chunks = [chunk.strip() for chunk in chunks if chunk.strip()]
         passages.extend(Passage(f"{relative}#{number}", chunk)
                         for number, chunk in enumerate(chunks))
     return passages
 
 
-def _read_file(file: Path, reader: Any) -> list[str]:
+def _no_files(root: Path, exclude: list[str] | None) -> str:
+    """What the reader found under ``root`` when it took no file: nothing, or empty files."""
+    if not root.is_dir():
+        return f"no document in {str(root)!r}"
+    visible = [path for path in root.rglob("*") if path.is_file()
+               and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    empty = sorted(path.relative_to(root).as_posix() for path in visible
+                   if path.stat().st_size == 0)
+    if visible and len(empty) == len(visible):
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        return f"the {len(empty)} files under {str(root)!r} are all empty ({shown})"
+    excluded = f" outside --exclude {' '.join(exclude)}" if exclude else ""
+    return f"no documents found under {str(root)!r}{excluded}"
+
+
+def _read_file(file: Path, relative: str, reader: Any) -> list[str]:
     """The texts of one file (several for paged formats such as PDF)."""
     suffix = file.suffix.lower()
-    pattern = f"*{suffix or file.name}"
-    fix = (f"remove it or leave it out with exclude=['{pattern}'] (d2llm-rag distill: "
-           f"--exclude '{pattern}')")
+    every = f"*{suffix or file.name}"  # when no file of its kind can be read
+    try:
+        file.stat()
+        head = b""
+        if suffix not in _MEDIA_SUFFIXES and not _has_reader(reader, suffix):
+            with file.open("rb") as handle:
+                head = handle.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise CorpusError(f"cannot read {str(file)!r}: {_os_problem(file, exc)}; fix that, or "
+                          f"{_leave_out(relative)}") from exc
     if suffix in _MEDIA_SUFFIXES:
-        raise CorpusError(f"{str(file)!r}: no reader turns {suffix} files into text: {fix}")
-    known = suffix in type(reader).supported_suffix_fn() or suffix in reader.file_extractor
-    if not known:
-        try:
-            head = file.read_bytes()[:_SNIFF_BYTES]
-        except OSError as exc:
-            raise CorpusError(f"cannot read {str(file)!r} ({exc}): fix its permissions or {fix}"
-                              ) from exc
-        if b"\x00" in head:
-            raise CorpusError(
-                f"{str(file)!r} is a binary file and no reader handles {suffix or 'its'} files: "
-                f"convert it to text or PDF, or {fix}"
-            )
+        raise CorpusError(f"{str(file)!r}: no reader turns {suffix} files into text: "
+                          f"{_leave_out(every)}")
+    if b"\x00" in head:
+        raise CorpusError(
+            f"{str(file)!r} is a binary file and no reader handles {suffix or 'its'} files: "
+            f"convert it to text or PDF, or {_leave_out(every)}"
+        )
     try:
         documents = reader.load_file(file, file_metadata=None, file_extractor=reader.file_extractor,
                                      encoding="utf-8", errors="strict", raise_on_error=True)
     except ImportError as exc:
         raise CorpusError(f"reading {str(file)!r} needs an optional package ({exc}): install it, "
-                          f"or {fix}") from exc
+                          f"or {_leave_out(every)}") from exc
     except Exception as exc:  # readers raise anything; the cause is chained for the user
         cause = exc.__cause__ or exc
+        if isinstance(cause, UnicodeDecodeError):
+            raise CorpusError(
+                f"{str(file)!r} is not UTF-8 text (byte {cause.object[cause.start]:#04x} at "
+                f"position {cause.start}): convert it to UTF-8, or {_leave_out(relative)}"
+            ) from exc
         raise CorpusError(
-            f"cannot read {str(file)!r} ({type(cause).__name__}: {cause}): convert it to UTF-8 "
-            f"text, repair it, or {fix}"
+            f"cannot read {str(file)!r} ({type(cause).__name__}: {cause}): repair it, or "
+            f"{_leave_out(relative)}"
         ) from exc
     return [document.text for document in documents if document.text.strip()]
+
+
+def _has_reader(reader: Any, suffix: str) -> bool:
+    return suffix in type(reader).supported_suffix_fn() or suffix in reader.file_extractor
+
+
+def _leave_out(pattern: str) -> str:
+    return (f"remove it or leave it out with exclude=['{pattern}'] (d2llm-rag distill: "
+            f"--exclude '{pattern}')")
+
+
+def _os_problem(file: Path, exc: OSError) -> str:
+    """Why the system could not open ``file``, in words (not only "permission")."""
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link that loops back on itself"
+    if exc.errno == errno.ENOENT and file.is_symlink():
+        return f"it is a symbolic link to {os.readlink(file)!r}, which does not exist"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "this user may not read it (check its permissions)"
+    return exc.strerror or str(exc)
 
 
 def _splitter(max_tokens: int | None, tokenizer: Any, chunk_overlap: int

@@ -51,6 +51,8 @@ DEV_CORPUS_LIMIT = 10_000
 DEV_DEPTH = 100
 #: The figure early stopping watches.
 DEV_METRIC = "dev_ndcg@10"
+#: Each dev query's share of it (``evaluate``), for the floor's paired comparison.
+DEV_PER_QUERY = "dev_per_query"
 #: BM25 weights tried for the hybrid fusion (beside the cosine's 1).
 LEXICAL_GRID = (0.25, 0.5, 0.75, 1.0, 1.5)
 #: IEM weights tried (0: the IEM is left out).
@@ -152,7 +154,7 @@ class DevRanking:
         return {item.id: dict.fromkeys(item.positive_ids, 1) for item in self.items}
 
     def evaluate(self, student: D2LLMStudent, encoder: TextEncoder, chunk: int = 64
-                 ) -> dict[str, float]:
+                 ) -> dict[str, Any]:
         """nDCG@10 and Recall@100 of every first stage, and of its rescoring by each fusion.
 
         Keys: ``dev_{stage}_ndcg@10``, ``dev_{stage}_recall@100`` (the first stage),
@@ -176,6 +178,9 @@ class DevRanking:
                                                    queries, passages, row))
         metrics[DEV_METRIC] = sum(metrics[f"dev_{s}_rescored_ndcg@10"]
                                   for s in FIRST_STAGES) / len(FIRST_STAGES)
+        stages = [metrics.pop(per_query_key(s)) for s in FIRST_STAGES]
+        metrics[DEV_PER_QUERY] = {q: sum(stage[q] for stage in stages) / len(stages)
+                                  for q in stages[0]}
         return metrics
 
     def hybrid(self, dense: RunDict) -> RunDict:
@@ -243,7 +248,7 @@ def choose_fusion(stage: str, per_query: Callable[[FusionWeights | None], dict[s
         if choice.weight == 0.0:
             metrics.update({f"dev_{stage}_rescored_ndcg@10": _mean(curve[0.0]),
                             f"fusion_{stage}_rescore": 0.0, f"fusion_{stage}_lexical": 0.0,
-                            f"fusion_{stage}_iem": 0.0})
+                            f"fusion_{stage}_iem": 0.0, per_query_key(stage): curve[0.0]})
             return metrics
         lexical = choice.weight
     curve = {w: per_query(FusionWeights(lexical=lexical, iem=w)) for w in IEM_GRID}
@@ -254,8 +259,14 @@ def choose_fusion(stage: str, per_query: Callable[[FusionWeights | None], dict[s
                     f"dev_{stage}_iem_gain_se": choice.standard_error,
                     f"dev_{stage}_rescored_ndcg@10": _mean(curve[choice.weight]),
                     f"fusion_{stage}_rescore": 1.0, f"fusion_{stage}_lexical": lexical,
-                    f"fusion_{stage}_iem": choice.weight})
+                    f"fusion_{stage}_iem": choice.weight,
+                    per_query_key(stage): curve[choice.weight]})
     return metrics
+
+
+def per_query_key(stage: str) -> str:
+    """Where ``choose_fusion`` leaves each dev query's nDCG@10 under the recorded fusion."""
+    return f"dev_{stage}_per_query"
 
 
 def _mean(values: dict[str, float]) -> float:

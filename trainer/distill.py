@@ -45,8 +45,8 @@ from llama_index_d2llm.trainer.paths import (
     DISTILLED_FILES,
     SUMMARY_NAME,
     check_model_paths,
-    check_output,
-    check_work_dir,
+    check_run_paths,
+    hold_work_dir,
 )
 from llama_index_d2llm.trainer.preparation import (  # noqa: F401 - re-exported
     PreparedData,
@@ -101,21 +101,23 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
     return config
 
 
-
 def distill(config: DistillConfig, *, teacher: Any = None,
             step_callback: StepCallback | None = None) -> Path:
     """Run the whole pipeline and return the directory of the distilled student.
 
     ``teacher``: an already loaded teacher (anything with ``score`` and ``generate`` like
     ``trainer.teacher.Teacher``) instead of loading ``config.teacher``. ``step_callback`` is
-    called with ``(step, logs)`` after every optimizer step.
+    called with ``(step, logs)`` after every optimizer step. The work directory is locked
+    for the run: a second run on it is refused (``paths.hold_work_dir``).
     """
+    with hold_work_dir(config):
+        return _distill(config, teacher=teacher, step_callback=step_callback)
+
+
+def _distill(config: DistillConfig, *, teacher: Any,
+             step_callback: StepCallback | None) -> Path:
     config = resolve_config(config)
-    output = check_output(config.output)
-    work = check_work_dir(config)
-    if work == output or output in work.parents:
-        raise ConfigError(f"--work-dir {str(work)!r} is inside --output {str(output)!r}, which "
-                          "is replaced whole when the student is written: put it beside")
+    output, _ = check_run_paths(config)
     check_model_paths(config)
     check_student_lengths(config)
     accelerator = make_accelerator(config)

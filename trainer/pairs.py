@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,11 @@ def _make_pair(text_a: Any, text_b: Any, raw_score: Any, score_name: str | None,
             raise QueryError(f"{path}:{number}: unknown NLI label {raw_score!r}; use entailment/"
                              "neutral/contradiction or 0/1/2")
         return SymmetricPair(text_a, text_b, NLI_LABEL_SCORES[label])
-    try:
-        return SymmetricPair(text_a, text_b, float(label))
-    except ValueError:
-        raise QueryError(f"{path}:{number}: score {raw_score!r} is not a number; fix that line"
-                         ) from None
+    score = float(label)  # a number: _is_number said so
+    if not math.isfinite(score):
+        raise QueryError(f"{path}:{number}: score {raw_score!r} is not a finite number; fix "
+                         "that line")
+    return SymmetricPair(text_a, text_b, score)
 
 
 def _pairs_from_delimited(path: Path) -> list[SymmetricPair | None]:

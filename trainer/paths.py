@@ -8,7 +8,14 @@ the work directory new, empty or marked as the tool's (``WORK_MARKER``).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llama_index_d2llm.student.backbone import resolve_backbone
@@ -27,7 +34,10 @@ SUMMARY_NAME = "training_summary.json"
 DISTILLED_FILES = (*STUDENT_FILES, DISTILL_CONFIG_NAME, SUMMARY_NAME)
 #: Written into every work directory the tool makes: only such a folder is ever cleaned up.
 WORK_MARKER = ".d2llm-work"
-_WORK_ENTRIES = frozenset({"queries", "negatives", "teacher", "token_states", CHECKPOINTS_DIR})
+#: Locked by the run using a work directory; it says which process that is.
+WORK_LOCK = ".d2llm-lock"
+_WORK_ENTRIES = frozenset({"queries", "negatives", "teacher", "token_states", CHECKPOINTS_DIR,
+                           WORK_LOCK})
 
 
 def check_output(path: str | os.PathLike) -> Path:
@@ -68,6 +78,68 @@ def _made_here(work: Path) -> bool:
     checkpoints = work / CHECKPOINTS_DIR
     return not checkpoints.exists() or all(
         entry.name.startswith(("step-", ".checkpoint-")) for entry in checkpoints.iterdir())
+
+
+def check_run_paths(config: DistillConfig) -> tuple[Path, Path]:
+    """The output and the work directory, checked (``check_output``, ``check_work_dir``) and
+    apart: the output is replaced whole, so the work directory may not be inside it."""
+    output = check_output(config.output)
+    work = check_work_dir(config)
+    if work == output or output in work.parents:
+        raise ConfigError(f"--work-dir {str(work)!r} is inside --output {str(output)!r}, which "
+                          "is replaced whole when the student is written: put it beside")
+    return output, work
+
+
+@contextmanager
+def hold_work_dir(config: DistillConfig) -> Iterator[Path]:
+    """Lock the run's work directory for the block; a second run on it is refused, naming
+    the process that holds it (the lock goes with that process, even when it is killed).
+
+    Two runs on one work directory and output would both run and overwrite each other's
+    caches and student, the last writer winning. Only the main process of a multi-process
+    launch (``RANK`` 0) takes the lock. A work directory created here and left with nothing
+    but the lock (the inputs were refused) is removed again.
+    """
+    _, work = check_run_paths(config)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield work
+        return
+    import fcntl
+
+    created = next((p for p in reversed([work, *work.parents]) if not p.exists()), None)
+    work.mkdir(parents=True, exist_ok=True)
+    handle = open(work / WORK_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ConfigError(
+                f"--work-dir {str(work)!r} is in use by another d2llm-rag run "
+                f"({_describe_holder(handle.read())}): wait for it to end or stop it, or "
+                "pass another --output (or --work-dir)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "command": " ".join(sys.argv)}) + "\n")
+        handle.flush()
+        yield work
+    finally:
+        if created is not None and {p.name for p in work.iterdir()} <= {WORK_LOCK}:
+            shutil.rmtree(created, ignore_errors=True)
+        handle.close()
+
+
+def _describe_holder(record: str) -> str:
+    """What a lock file says about its holder, in words."""
+    try:
+        holder = json.loads(record)
+        return (f"process {holder['pid']} on {holder['host']} since {holder['since']}: "
+                f"{holder['command']}")
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not said which yet"
 
 
 def claim_work_dir(config: DistillConfig) -> Path:

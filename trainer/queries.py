@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from llama_index_d2llm.student.errors import D2LLMError
 from llama_index_d2llm.student.files import atomic_write_text
+from llama_index_d2llm.trainer.beir import qrels_score
 from llama_index_d2llm.trainer.cache import content_key
 from llama_index_d2llm.trainer.corpus import Passage, read_jsonl
 from llama_index_d2llm.trainer.prompts import (
@@ -71,6 +72,7 @@ def load_queries(queries_path: str | Path, qrels_path: str | Path,
         if not path.is_file():
             raise QueryError(f"the {what} {str(path)!r} does not exist: pass the BEIR file")
     texts: dict[str, str] = {}
+    empty: list[str] = []
     for number, record in read_jsonl(queries_path, QueryError):
         query_id = record.get("_id", record.get("id"))
         text = str(record.get("text") or "").strip()
@@ -82,6 +84,11 @@ def load_queries(queries_path: str | Path, qrels_path: str | Path,
                              "query ids must be unique; remove the duplicate line")
         if text:
             texts[str(query_id)] = text
+        else:
+            empty.append(str(query_id))
+    if empty:
+        logger.warning("skipping %d queries with no text in %s (e.g. %s)", len(empty),
+                       queries_path, ", ".join(empty[:5]))
     positives = _read_qrels(qrels_path)
     known = passage_ids if isinstance(passage_ids, set | frozenset | dict) else set(passage_ids)
     unknown = sorted({doc for query_id, docs in positives.items() if query_id in texts
@@ -126,12 +133,11 @@ def _read_qrels(path: Path) -> dict[str, list[str]]:
             )
         query_id, doc_id, score = fields[0], fields[-2], fields[-1]
         try:
-            value = float(score)
-        except ValueError:
-            if number == 1:  # the BEIR header
-                continue
-            raise QueryError(f"{path}:{number}: score {score!r} is not a number; fix that line"
-                             ) from None
+            value = qrels_score(score, number)
+        except ValueError as exc:
+            raise QueryError(f"{path}:{number}: {exc}; fix that line") from None
+        if value is None:  # the header
+            continue
         if value > 0:
             docs = positives.setdefault(query_id.strip(), [])
             if doc_id.strip() not in docs:
@@ -238,7 +244,13 @@ def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: 
                                 "raw": outputs}
         if cache_file is not None:
             _write_generated(cache_file, done)
-    return _assemble(chosen, done)
+    queries = _assemble(chosen, done)
+    if chosen and not queries:
+        raw = f" (what it wrote is in {cache_file})" if cache_file is not None else ""
+        raise QueryError(f"the teacher wrote no usable query for any of the {len(chosen)} "
+                         f"passages{raw}: use a larger or instruction-tuned --teacher, or pass "
+                         "your own --queries and --qrels")
+    return queries
 
 
 def clean_generated_query(text: str) -> str:

@@ -8,6 +8,7 @@ are measured exactly like the student.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,8 @@ def read_run(path: str | Path) -> RunDict:
             raise EvaluationError(f"{path} is not valid JSON ({exc})") from None
         if not all(isinstance(v, dict) for v in run.values()):
             raise EvaluationError(f"{path}: a JSON run maps query ids to {{doc_id: score}}")
-        return {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}
+        return {str(q): {str(d): _score(s, f"{path}: query {q!r}, document {d!r}")
+                         for d, s in docs.items()} for q, docs in run.items()}
     run: RunDict = {}
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
@@ -86,9 +88,21 @@ def read_run(path: str | Path) -> RunDict:
             continue
         if len(fields) != 6:
             raise EvaluationError(f"{path}:{number}: a TREC run line has 6 fields "
-                                  "(query Q0 doc rank score tag), this one has {len(fields)}")
-        run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+                                  f"(query Q0 doc rank score tag), this one has {len(fields)}")
+        run.setdefault(fields[0], {})[fields[2]] = _score(fields[4], f"{path}:{number}")
     return run
+
+
+def _score(value: Any, where: str) -> float:
+    """A run's score as a float; one that is not a finite number is an error saying where
+    (NaN would rank its document anywhere)."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        score = math.nan
+    if isinstance(value, bool) or not math.isfinite(score):
+        raise EvaluationError(f"{where}: score {value!r} is not a finite number; fix it")
+    return score
 
 
 def fuse_runs(runs: Sequence[RunDict], method: str = "rrf") -> RunDict:
@@ -104,7 +118,16 @@ def fuse_runs(runs: Sequence[RunDict], method: str = "rrf") -> RunDict:
     from ranx import fuse
 
     kept = [{q: docs for q, docs in run.items() if docs} for run in runs]
+    kept = [run for run in kept if run]
+    if len(kept) < 2:  # ranx fuses two runs or more (a run with no hit at all crashed it)
+        return {q: _reciprocal_ranks(docs) for q, docs in (kept[0] if kept else {}).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numba's type-safety chatter
         fused = fuse([RanxRun(run) for run in kept], method=method)
     return {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
+
+
+def _reciprocal_ranks(docs: dict[str, float], k: int = 60) -> dict[str, float]:
+    """RRF of one ranking: ``1 / (k + rank)``, the fusion of a single run."""
+    ranked = sorted(docs, key=lambda d: -docs[d])
+    return {d: 1.0 / (k + rank) for rank, d in enumerate(ranked, start=1)}

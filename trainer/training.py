@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from llama_index_d2llm.trainer.dataset import Collator, RankingItem, TrainingExa
 from llama_index_d2llm.trainer.dev_candidates import CANDIDATE_LIST_METRIC, dev_metrics
 from llama_index_d2llm.trainer.dev_ranking import (
     DEV_METRIC,
+    DEV_PER_QUERY,
     DevRanking,
     format_report,
     fusion_from,
@@ -55,9 +57,17 @@ from llama_index_d2llm.trainer.encoding import (
     cached_encoder,
     encode_distinct,
 )
+from llama_index_d2llm.trainer.floor import FloorCheck, compare_to_start
+from llama_index_d2llm.trainer.floor import report as report_floor
 from llama_index_d2llm.trainer.losses import D2LLMDistillationLoss
 from llama_index_d2llm.trainer.mining import StudentNegativeMiner
 from llama_index_d2llm.trainer.objective import DistillationModel, evaluate_objective
+from llama_index_d2llm.trainer.optimization import (
+    inner_optimizer,
+    make_accelerator,
+    make_optimizer,
+    warmup_schedule,
+)
 from llama_index_d2llm.trainer.token_states import TokenStateCache
 
 __all__ = [  # the names moved out of this module stay importable from it
@@ -164,13 +174,8 @@ class DistillationTrainer:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on biases and normalisation weights (released recipe)."""
-        decay, no_decay = [], []
-        for name, param in self._trainable():
-            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
+        return make_optimizer(self._trainable(), lr=self.config.lr,
+                              weight_decay=self.config.weight_decay)
 
     def _loader(self, epoch: int) -> Any:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
@@ -209,7 +214,7 @@ class DistillationTrainer:
         state = TrainerState(warmup_steps=int(total_steps * config.warmup_ratio))
         run = _Run(model, optimizer, None, state, total_steps, batches_per_epoch)
         if resume_from is not None:
-            loaded = load_checkpoint(resume_from, config, _inner(optimizer),
+            loaded = load_checkpoint(resume_from, config, inner_optimizer(optimizer),
                                      [name for name, _ in self._trainable()])
             self._rng_snapshot = loaded.rng
             state = run.state = loaded.state
@@ -221,9 +226,11 @@ class DistillationTrainer:
                 clear_checkpoints(self.root)  # a fresh run: stale ones must not be resumed
             self._evaluate_start(run)
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            _inner(optimizer), _warmup(state.warmup_steps), last_epoch=-1)
-        for _ in range(state.step):
-            run.scheduler.step()
+            inner_optimizer(optimizer), warmup_schedule(state.warmup_steps), last_epoch=-1)
+        with warnings.catch_warnings():  # replaying the steps done, not training out of order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for _ in range(state.step):
+                run.scheduler.step()
         if config.show_progress and accelerator.is_local_main_process:
             from tqdm.auto import tqdm
 
@@ -325,10 +332,15 @@ class DistillationTrainer:
         """Dev metrics into ``logs`` and the history; keep the best weights; early stopping."""
         state = run.state
         metrics = self._dev_metrics()
+        per_query = metrics.pop(DEV_PER_QUERY, None)
         logs.update(metrics)
         score = metrics[self.stopping_metric]
-        if state.best_metric is None or score > state.best_metric:
+        check = compare_to_start(state.start_per_query, per_query)
+        if state.best_metric is None or (score > state.best_metric
+                                         and (check is None or check.clears)):
             state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
+            state.best_gain = None if check is None else [check.gain, check.standard_error,
+                                                          check.queries]
             run.best_state = self._trainable_state()
         else:
             state.bad_evals += 1
@@ -339,13 +351,14 @@ class DistillationTrainer:
             run.stopped_early = True
 
     def _evaluate_start(self, run: _Run) -> None:
-        """The floor: the untrained student (the starting encoder, when it starts from its
-        backbone's pooling) is evaluated like every later state and is the first best, so
-        training keeps a state only when it ranks above it on dev."""
+        """The floor (``floor.py``): the untrained student (the starting encoder, when it
+        starts from its backbone's pooling) is evaluated like every later state and is the
+        first best, so training keeps a state only when it ranks above it on dev."""
         if not self.dev_items:
             return
         state = run.state
         metrics = self._dev_metrics()
+        state.start_per_query = metrics.pop(DEV_PER_QUERY, None)
         state.start_metric = state.best_metric = metrics[self.stopping_metric]
         state.best_step = 0
         run.best_state = self._trainable_state()
@@ -376,23 +389,12 @@ class DistillationTrainer:
         )
 
     def _report_floor(self, state: TrainerState, kept_start: bool) -> None:
-        """Say what distillation bought over the starting point, and when it bought nothing."""
-        if state.start_metric is None or state.best_metric is None:
-            return
-        if kept_start:
-            best_trained = max((entry[self.stopping_metric] for entry in state.history
-                                if entry["step"] > 0 and self.stopping_metric in entry),
-                               default=None)
-            trained = "n/a" if best_trained is None else f"{best_trained:.4f}"
-            logger.warning(
-                "no distilled state ranked above the starting point on dev (%s: start %.4f, "
-                "best distilled %s): the student keeps its starting weights, i.e. the "
-                "untrained encoder with the rescoring chosen on dev", self.stopping_metric,
-                state.start_metric, trained)
-        else:
-            logger.info("dev %s: starting point %.4f -> distilled %.4f (%+.4f)",
-                        self.stopping_metric, state.start_metric, state.best_metric,
-                        state.best_metric - state.start_metric)
+        best_trained = max((entry[self.stopping_metric] for entry in state.history
+                            if entry["step"] > 0 and self.stopping_metric in entry),
+                           default=None)
+        check = FloorCheck(*state.best_gain) if state.best_gain else None
+        report_floor(self.stopping_metric, state.start_metric, state.best_metric, kept_start,
+                     check, best_trained)
 
     def _record_fusion(self, state: TrainerState) -> dict[str, float]:
         """Record in the student how each first stage's candidates are rescored
@@ -408,6 +410,7 @@ class DistillationTrainer:
                 if entry["step"] == state.best_step and DEV_METRIC in entry]
         metrics = ({k: v for k, v in kept[-1].items() if k.startswith(("dev_", "fusion_"))}
                    if kept else self._dev_metrics())
+        metrics.pop(DEV_PER_QUERY, None)
         self.student.config.fusion = fusion_from(metrics)
         logger.info("%s", format_report(metrics))
         return metrics
@@ -449,27 +452,7 @@ class DistillationTrainer:
             return
         save_checkpoint(
             self.root, run.state, student=accelerator.unwrap_model(self.model).student,
-            optimizer=_inner(run.optimizer), scheduler=run.scheduler,
+            optimizer=inner_optimizer(run.optimizer), scheduler=run.scheduler,
             trainable=[name for name, _ in self._trainable()], rng=self._rng_snapshot,
             best=run.best_state, num_processes=accelerator.num_processes, config=self.config)
 
-
-# ---------------------------------------------------------------------------- helpers
-def make_accelerator(config: DistillConfig) -> Any:
-    """One code path for CPU, one GPU and ``accelerate launch`` on several."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    cpu = config.device is not None and str(config.device).startswith("cpu")
-    # a batch of only asymmetric examples leaves the symmetric IEM branch without gradient
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
-
-
-def _inner(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _warmup(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the full learning rate, then constant (the released schedule)."""
-    return lambda step: min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps else 1.0

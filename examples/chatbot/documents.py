@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from examples.chatbot.errors import ChatbotError
+from llama_index_d2llm.text_blocks import text_blocks
 
 # Plain-text formats read as they are; the rest go through llama-index-readers-file.
 TEXT_SUFFIXES = frozenset({
@@ -84,6 +85,7 @@ def load_file(path: Path, relative: str, sha256: str) -> list[Any]:
     documents = SimpleDirectoryReader.load_file(
         path, default_file_metadata_func, {}, filename_as_id=False,
         encoding="utf-8", errors="replace", raise_on_error=True)
+    documents = [piece for document in documents for piece in _in_blocks(document, relative)]
     for number, document in enumerate(documents):
         document.id_ = f"{relative}#{number}"
         document.metadata.update({"source": relative, "file_sha256": sha256})
@@ -91,3 +93,14 @@ def load_file(path: Path, relative: str, sha256: str) -> list[Any]:
         # The student was distilled on passage text alone: embed exactly that.
         document.excluded_embed_metadata_keys = sorted(set(document.metadata) | {"source"})
     return [d for d in documents if d.text and d.text.strip()]
+
+
+def _in_blocks(document: Any, relative: str) -> list[Any]:
+    """A long document as several, each short enough for the sentence splitter (see
+    ``llama_index_d2llm.text_blocks``); a short one as it is."""
+    from llama_index.core import Document
+
+    blocks = list(text_blocks(document.text or "", relative))
+    if len(blocks) == 1:
+        return [document]
+    return [Document(text=block, metadata=dict(document.metadata)) for block in blocks]

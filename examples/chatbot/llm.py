@@ -9,6 +9,7 @@ package when one is missing.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,22 @@ LLM_SPEC_HELP = (
 # A base (not instruction-tuned) model keeps writing the next turn of the document;
 # these markers end its answer there.
 DEFAULT_STOP = ("\nQuestion:", "\nuser:", "\nUser:", "\nassistant:", "\n\n\n")
+
+
+#: Every generation running in this process, by its halt event: stopped at exit (below).
+_GENERATIONS: dict[threading.Event, threading.Thread] = {}
+
+
+@atexit.register
+def _stop_generations() -> None:
+    """Halt and join what still generates when the interpreter exits: a stream left open (a
+    script that stopped reading and kept it) left its daemon thread inside torch, which the
+    interpreter's teardown then aborted ("terminate called without an active exception",
+    exit status 134)."""
+    for halt in list(_GENERATIONS):
+        halt.set()
+    for worker in list(_GENERATIONS.values()):
+        worker.join(timeout=30)
 
 
 class LLMSpecError(ValueError):
@@ -94,6 +111,7 @@ class TransformersLLM(CustomLLM):
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _running: set[threading.Event] = PrivateAttr(default_factory=set)  # halts of open streams
 
     def __init__(self, model_path: str | Path | None = None, **kwargs: Any) -> None:
         if model_path is None:
@@ -155,6 +173,15 @@ class TransformersLLM(CustomLLM):
         return question_answer_prompt(messages)
 
     # ------------------------------------------------------------------ generation
+    def interrupt(self) -> None:
+        """Stop every generation in progress after its current token (from any thread).
+
+        A reader that goes away (a closed browser tab) must not leave the model generating
+        for nobody while it holds the lock every later answer waits for.
+        """
+        for halt in list(self._running):
+            halt.set()
+
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         text = ""
@@ -219,6 +246,8 @@ class TransformersLLM(CustomLLM):
                 streamer.end()
 
         worker = threading.Thread(target=generate, name="llm-generate", daemon=True)
+        self._running.add(halt)
+        _GENERATIONS[halt] = worker
         worker.start()
         text = shown = ""
         finished = False
@@ -245,6 +274,8 @@ class TransformersLLM(CustomLLM):
                 for _ in streamer:
                     pass
             worker.join()
+            self._running.discard(halt)
+            _GENERATIONS.pop(halt, None)
         if failure:
             raise failure[0]
 

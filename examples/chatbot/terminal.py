@@ -12,6 +12,7 @@ condensed with the conversation. Commands: /reset, /sources, /quit.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from typing import TextIO
 
@@ -42,6 +43,8 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
     """Read questions until /quit or end of input; return how many were answered."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    if isinstance(stdin, io.TextIOWrapper) and stdin.errors == "strict":
+        stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 must not end the chat
     conversation = chatbot.new_conversation()
     answered = 0
     print(HELP, file=stdout)
@@ -52,9 +55,12 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
         if not line:  # end of input (Ctrl-D)
             stdout.write("\n")
             return answered
-        question = line.strip()
+        question = _without_surrogates(line).strip()
         if not question:
             continue
+        if "\ufffd" in question:
+            print("(your input held bytes that are not UTF-8; they were replaced with U+FFFD: "
+                  "set the terminal's encoding to UTF-8)", file=stdout)
         if question in ("/quit", "/exit"):
             return answered
         if question == "/reset":
@@ -70,6 +76,9 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
         except ChatbotError as exc:
             print(f"error: {exc}", file=stdout)
             continue
+        except KeyboardInterrupt:  # while searching: back to the prompt, not out of the chat
+            print("[stopped]", file=stdout)
+            continue
         stdout.write(f"bot> [{reply.mode}]\n" if reply.mode else "bot> ")
         try:
             for token in reply:
@@ -77,11 +86,22 @@ def chat_loop(chatbot: Chatbot, stdin: TextIO | None = None, stdout: TextIO | No
                 stdout.flush()
         except KeyboardInterrupt:
             stdout.write(" [stopped]")
+        finally:
+            reply.close()  # a stopped answer frees the LLM
         stdout.write("\n")
         if show_sources:
             print("sources (ranked by D2LLM):", file=stdout)
             print(format_sources(reply.sources), file=stdout)
         answered += 1
+
+
+def _without_surrogates(line: str) -> str:
+    """``line`` with the bytes a ``surrogateescape`` stdin kept undecoded (the POSIX locale's
+    default, so a pipe's) replaced by U+FFFD: the student refuses lone surrogates."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return line.encode("utf-8", "replace").decode("utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,9 +30,10 @@ from typing import Any
 
 from examples.chatbot.answer import mode_help
 from examples.chatbot.cli import add_chatbot_arguments, options_from_args, run_safely
-from examples.chatbot.core import Chatbot, ChatbotError, Conversation, build_chatbot
+from examples.chatbot.core import Chatbot, ChatbotError, Conversation, Reply, build_chatbot
 
 try:
+    import anyio
     from sse_starlette import EventSourceResponse, ServerSentEvent
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -88,21 +89,70 @@ class ChatService:
                 "mode": self.chatbot.mode_label, "mode_help": mode_help(self.chatbot)}
 
     async def answer(self, conversation_id: str, message: str) -> AsyncIterator[ServerSentEvent]:
-        """The reply as events; the models run in a worker thread, one answer at a time."""
+        """The reply as events, one answer at a time. A client that goes away (the stream is
+        cancelled) stops its answer: the lock is released only once the models are free."""
         async with self.answer_lock:
+            run = AnswerRun(self.conversation(conversation_id), message)
             try:
-                conversation = self.conversation(conversation_id)
-                reply = await asyncio.to_thread(conversation.ask, message)
-                yield _event("mode", reply.mode)
-                yield _event("sources", [asdict(s) for s in reply.sources])
-                tokens = iter(reply)
-                while (token := await asyncio.to_thread(next, tokens, None)) is not None:
-                    yield _event("token", token)
-                yield _event("done", {"answer": reply.text})
-            except ChatbotError as exc:
-                yield _event("error", str(exc))
-            except Exception as exc:  # the page shows it; the server stays up
-                yield _event("error", f"{type(exc).__name__}: {exc}")
+                async for name, data in run.events():
+                    yield _event(name, data)
+            finally:
+                with anyio.CancelScope(shield=True):  # a cancelled stream still waits here
+                    await run.stop()
+
+
+class AnswerRun:
+    """One answer, computed in a worker thread and read as ``(event, data)`` pairs.
+
+    Every call into the reply (asking, reading each token, closing) happens in that one
+    thread, so ``stop`` can end it at any point: it interrupts the LLM, the thread closes
+    the reply at its next token, and ``stop`` returns once the thread is done.
+    """
+
+    _END = ("", None)
+
+    def __init__(self, conversation: Conversation, message: str):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._stopping = threading.Event()
+        self._reply: Reply | None = None
+        self._done = asyncio.ensure_future(asyncio.to_thread(self._run, conversation, message))
+
+    def _emit(self, name: str, data: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (name, data))
+
+    def _run(self, conversation: Conversation, message: str) -> None:
+        try:
+            self._reply = reply = conversation.ask(message)
+            try:
+                if self._stopping.is_set():  # gone while the passages were retrieved
+                    return
+                self._emit("mode", reply.mode)
+                self._emit("sources", [asdict(s) for s in reply.sources])
+                for token in reply:
+                    if self._stopping.is_set():
+                        return
+                    self._emit("token", token)
+                self._emit("done", {"answer": reply.text})
+            finally:
+                reply.close()
+        except ChatbotError as exc:
+            self._emit("error", str(exc))
+        except Exception as exc:  # the page shows it; the server stays up
+            self._emit("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._emit(*self._END)
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        while (item := await self._queue.get()) != self._END:
+            yield item
+
+    async def stop(self) -> None:
+        """End the answer where it is and wait for its thread (at once when it is done)."""
+        self._stopping.set()
+        if self._reply is not None:
+            self._reply.interrupt()
+        await asyncio.shield(self._done)
 
 
 def _event(name: str, data: Any) -> ServerSentEvent:

@@ -39,6 +39,7 @@ from llama_index_d2llm.student.storage import (
     ADAPTER_CONFIG_NAME,
     STUDENT_FILES,
     check_adapter_config,
+    check_fingerprint,
     check_student_target,
     compute_fingerprint,
     load_safetensors,
@@ -80,12 +81,7 @@ def load_student(cls: type[D2LLMStudent], directory: str | os.PathLike, *,
     if config.lora is not None:
         adapter = load_safetensors(adapter_dir / "adapter_model.safetensors")
     fingerprint = compute_fingerprint(config, heads, adapter)
-    if config.fingerprint is not None and fingerprint != config.fingerprint:
-        raise CheckpointError(
-            f"the weights or settings in {str(directory)!r} do not match the fingerprint "
-            f"recorded in {CONFIG_NAME} ({fingerprint} != {config.fingerprint}): the files "
-            "are corrupt or were edited; restore them or distill the student again"
-        )
+    check_fingerprint(config, fingerprint, directory)
     path = student_backbone(config, directory)
     if config.trust_remote_code and trust_remote_code is not True:
         raise CheckpointError(

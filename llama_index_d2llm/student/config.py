@@ -81,6 +81,10 @@ class D2LLMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if not (self.lora is None or isinstance(self.lora, LoraSettings)):
+            raise ValueError(f"lora must be null or an object of LoRA settings, got {self.lora!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be an object, got {self.extra!r}")
         if self.backbone_layers is not None and self.backbone_layers < 1:
             raise ValueError("backbone_layers must be a positive number of layers or None")
         if self.max_query_length < 1 or self.max_passage_length < 1:
@@ -95,13 +99,14 @@ class D2LLMConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> D2LLMConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = CONFIG_NAME) -> D2LLMConfig:
+        """The config in ``data``, read from ``source`` (named in the errors)."""
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(
-                f"student written with format version {version!r}, this llama-index-d2llm "
-                f"reads version {FORMAT_VERSION}: install the matching package version or "
-                "re-export the student with `d2llm-rag distill`"
+                f"{source}: student written with format version {version!r}, this "
+                f"llama-index-d2llm reads version {FORMAT_VERSION}: install the matching package "
+                "version or re-export the student with `d2llm-rag distill`"
             )
         data = dict(data)
         # written before the IEM had its cosine skip: the head is the paper's bare MLP
@@ -111,8 +116,15 @@ class D2LLMConfig:
             logger.warning("this student records rank-blend weights of an older version; it "
                            "is rescored with the default fusion (student/fusion.py) until "
                            "distilled again")
-        return from_known_keys(cls, data, lambda unknown, _: CheckpointError(
-            f"unknown fields in {CONFIG_NAME}: {unknown}"))
+        try:
+            return from_known_keys(cls, data, lambda unknown, _: CheckpointError(
+                f"unknown fields in {source}: {unknown}"))
+        except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{source} holds an invalid setting ({exc}): it was edited "
+                                  "or is corrupt; restore the student directory or distill "
+                                  "it again") from exc
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> D2LLMConfig:
@@ -126,4 +138,4 @@ class D2LLMConfig:
                                   "directory is corrupt: save or distill it again") from exc
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} does not hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))

@@ -17,6 +17,7 @@ its rank says. The IEM's logit enters the same way, weighted by what it adds on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,8 +47,9 @@ class FusionWeights:
     def __post_init__(self) -> None:
         for name in ("lexical", "iem"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"the fusion's {name} weight must be a number >= 0, "
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):  # JSON reads NaN and Infinity
+                raise ValueError(f"the fusion's {name} weight must be a finite number >= 0, "
                                  f"got {value!r}")
 
     def to_dict(self) -> dict[str, float]:
@@ -70,6 +72,8 @@ def default_fusion(first_stage: str) -> FusionWeights:
 def check_fusion(fusion: Mapping[str, Any] | None) -> dict[str, FusionWeights | None]:
     """``{first stage: FusionWeights or None}`` from a config's JSON form, or a ValueError
     naming the bad entry. ``None`` keeps the first stage's order."""
+    if fusion is not None and not isinstance(fusion, Mapping):
+        raise ValueError(f"the fusion must be {{first stage: weights}}, got {fusion!r}")
     checked: dict[str, FusionWeights | None] = {}
     for stage, weights in (fusion or {}).items():
         check_first_stage(stage)

@@ -7,6 +7,7 @@ distillation config, the loss weights and the teacher's config all read their JS
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -22,3 +23,18 @@ def from_known_keys(cls: type[T], data: Mapping[str, Any],
     if unknown:
         raise error(unknown, sorted(known))
     return cls(**data)
+
+
+def check_finite_floats(settings: Any, error: Callable[[str, Any], Exception]) -> None:
+    """Raise ``error(name, value)`` for the first ``float`` field of the dataclass instance
+    ``settings`` that is not a finite number: JSON and argparse both read "NaN" and
+    "Infinity", which no check written as ``value < 0`` or ``not value > 0`` refuses."""
+    for field in fields(settings):
+        if str(field.type).replace(" ", "") not in ("float", "float|None"):
+            continue
+        value = getattr(settings, field.name)
+        if value is None and "None" in str(field.type):
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
+            raise error(field.name, value)

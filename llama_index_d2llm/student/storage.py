@@ -35,7 +35,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 FINGERPRINT_VERSION_KEY = "fingerprint_version"
 
 
-
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> hashlib._Hash:
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -67,6 +66,26 @@ def compute_fingerprint(config: D2LLMConfig, heads: dict[str, torch.Tensor],
                                                     lora.layers)))
     digest.update(repr(identity).encode())
     return digest.hexdigest()[:16]
+
+
+def check_fingerprint(config: D2LLMConfig, computed: str, directory: Path) -> None:
+    """The weights and settings in ``directory`` are the ones its config's fingerprint names.
+
+    Every student this package saves records its fingerprint, so a config without one (the
+    key removed, or null) was edited: it is refused like a mismatch, never trusted.
+    """
+    fix = "the files are corrupt or were edited; restore them or distill the student again"
+    if config.fingerprint is None:
+        raise CheckpointError(
+            f"{CONFIG_NAME} in {str(directory)!r} records no fingerprint, so its weights and "
+            f"settings cannot be checked (every student saved by llama-index-d2llm has one): "
+            f"{fix}"
+        )
+    if computed != config.fingerprint:
+        raise CheckpointError(
+            f"the weights or settings in {str(directory)!r} do not match the fingerprint "
+            f"recorded in {CONFIG_NAME} ({computed} != {config.fingerprint}): {fix}"
+        )
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

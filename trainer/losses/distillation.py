@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama_index_d2llm.student.settings import from_known_keys
+from llama_index_d2llm.student.settings import check_finite_floats, from_known_keys
 from llama_index_d2llm.trainer.losses.contrastive_imitation import contrastive_imitation_loss
 from llama_index_d2llm.trainer.losses.feature_imitation import feature_imitation_loss
 from llama_index_d2llm.trainer.losses.in_batch import in_batch_loss
@@ -52,6 +52,8 @@ class LossWeights:
     temperature_vector: float = setting(0.05, help="Temperature of the vector loss.")
 
     def __post_init__(self) -> None:
+        check_finite_floats(self, lambda name, value: ValueError(
+            f"loss {name} must be a finite number, got {value!r}"))
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("temperature") and not value > 0:
