@@ -72,8 +72,9 @@ def rerank_corpus(name: str, teacher, encoder: str, queries: int, depth: int, se
         a, b = _standardised(top[q]), _standardised(teacher_run[q])
         both[q] = {pid: a[pid] + b[pid] for pid in top[q]}
     runs = {"hybrid_default": top, "teacher": teacher_run, "hybrid_plus_teacher": both}
-    results = score(runs, benchmark.qrels, {q: benchmark.answer_files[q] for q in chosen
-                                            if q in benchmark.answer_files})
+    qrels = {q: benchmark.qrels[q] for q in chosen}  # a question left out must not count 0
+    results = score(runs, qrels, {q: benchmark.answer_files[q] for q in chosen
+                                  if q in benchmark.answer_files})
     out = {row: {k: v for k, v in entry.items() if k != "per_query"}
            for row, entry in results.items()}
     for row in ("teacher", "hybrid_plus_teacher"):
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-max-length", type=int, default=128)
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("runs/teacher-vs-start-cache"),
+                        help="the teacher's scores, kept so that a rerun costs nothing")
     parser.add_argument("--output", type=Path,
                         default=Path("benchmarks/results/teacher-vs-start-cpu.json"))
     args = parser.parse_args(argv)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     teacher = Teacher.from_pretrained(
         args.teacher, config=TeacherConfig(max_length=args.teacher_max_length),
-        device=torch.device("cpu"), dtype="auto")
+        device=torch.device("cpu"), dtype="auto", cache_dir=args.cache)
     command = shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"command": f"python benchmarks/teacher_vs_start.py {command}"}
     for name in args.corpora:
