@@ -423,3 +423,32 @@ def test_a_follow_up_answer_never_quotes_again_what_the_conversation_quoted(tiny
                     "sources below.")
     engine.reset()  # a new conversation may quote them again
     assert ask("How do I parse a CSV file?") == first
+
+
+# ============================================================================ sources in words
+def test_a_passage_is_labelled_by_the_section_it_sits_under():
+    from examples.chatbot.documents import section_at
+
+    text = "# csv\n\nintro\n\n## csv.reader (function)\n\nbody of the reader\n\n## csv.writer\n\nw"
+    assert section_at(text, text.index("body"), "body of the reader") == "csv.reader (function)"
+    assert section_at(text, text.index("## csv.writer"), "## csv.writer\n\nw") == "csv.writer"
+    assert section_at(text, text.index("intro"), "intro") == "csv"
+    assert section_at("no heading", None, "x\n## later\n") == "later"  # no offset: its own
+    assert section_at("plain text", 0, "plain text") == ""
+
+
+def test_sources_are_shown_in_words_with_a_bar():
+    from examples.chatbot.chat import INTERNAL_TERMS, Source
+    from examples.chatbot.terminal import format_sources, score_bar
+
+    assert score_bar(3.0, [3.0, 1.0]) == "█" * 10
+    assert score_bar(1.0, [3.0, 1.0]) == "██" + "░" * 8  # the weakest: a quarter, rounded
+    assert score_bar(0.5, [0.5]) == "█" * 10
+    sources = [Source(1, "a", "csv.md", 2.4, 0.03, 3, "the reader", "csv.reader (function)"),
+               Source(2, "b", "re.md", 1.0, None, None, "a pattern")]
+    text = format_sources(sources)
+    assert "[1] ██████████  csv.md › csv.reader (function)  (plain vector search alone would " \
+           "have ranked it #3)" in text
+    assert "[2] ██░░░░░░░░  re.md\n" in text
+    assert not INTERNAL_TERMS.search(text)
+    assert INTERNAL_TERMS.search("D2LLM 0.970 · first stage 0.016 (#4 in the first stage)")
