@@ -68,7 +68,10 @@ def _latency(section: str) -> Figure:
 MINILM_DISTILL = Figure("distill-time-cpu.json", ("runs", ("recipe", "minilm-judgements-only"),
                                                   "seconds"), "{:.1f}", scale=1 / 60)
 
-#: README.md's table: the alternatives a user would consider, quality against cost.
+#: README.md's table: the alternatives a user would consider, quality against cost. A row
+#: without figures shows ``pending``; to fill one (issue 24: the untrained encoder, documents-only
+#: distillation on the quickstart's questions), give it its Figures, then run ``--docs``. A
+#: result file's date is its last commit's, so commit the JSON before running ``--docs``.
 HEADLINE = [
     Row("BM25 (Qdrant's sparse vectors, no model)", _kfold("fusion", "qdrant_bm25"),
         _latency("bm25"), "none"),
