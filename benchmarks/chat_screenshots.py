@@ -5,9 +5,10 @@
 Starts ``python -m examples.chatbot web`` from ``--checkout`` (this repository by default;
 a ``git worktree`` of an older commit shows the chat as it was), types each ``--ask`` into
 the page as a user would, waits for each answer to finish, and writes a full-page PNG and
-the answers' text (``.txt`` beside it). Needs Debian's ``chromium`` and the ``playwright``
-package (``pip install playwright``; its own browser download is not needed); neither is a
-dependency of the package.
+the answers' text (``.txt`` beside it); it exits with an error when the page shows the name of
+a ranking internal (``examples.chatbot.chat.INTERNAL_TERMS``: "first stage", "IEM", ...).
+Needs Debian's ``chromium`` and the ``playwright`` package (``pip install playwright``; its
+own browser download is not needed); neither is a dependency of the package.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make `examples` importable
+    sys.path.insert(0, str(REPO))
+from examples.chatbot.chat import INTERNAL_TERMS  # noqa: E402
+
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -76,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(transcript[-1], flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out), full_page=True)
+            shown = INTERNAL_TERMS.findall(page.inner_text("body"))
             browser.close()
         args.out.with_suffix(".txt").write_text("\n".join(transcript))
+        if shown:
+            raise SystemExit(f"the page shows internal score names: {sorted(set(shown))}")
     finally:
         server.terminate()
         server.wait(timeout=30)

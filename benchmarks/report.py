@@ -9,16 +9,23 @@ costs, log scale), ``distill-time.png`` (each distillation recipe's stages, stac
 recorded there). Nothing is re-measured here. A file that is not there yet (or a cost that
 was never timed) leaves its points out and is listed under "Not measured", so the page can be
 regenerated whenever a benchmark lands. Plain json + matplotlib; no torch, no model.
+
+    python benchmarks/report.py --docs          # README's and docs/benchmarks.md's tables
+    python benchmarks/report.py --check-docs    # exit 1 if they no longer match the results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from figures import command, stale_pages  # noqa: E402  (beside this script)
+
 FUSION, DEFAULT, MINILM = ("scifact-kfold-fusion-cpu.json", "scifact-kfold-easy0-cpu.json",
                            "scifact-kfold-minilm-cpu.json")
 LATENCY, MINILM_LATENCY = "retriever-latency-cpu.json", "retriever-latency-minilm-cpu.json"
@@ -62,15 +69,6 @@ class Results:
         elif name not in self.used:
             self.missing.setdefault(name, gives)
         return self.used.get(name)
-
-
-def command(data: dict) -> str:
-    """The command a result file recorded (``command`` or ``commands``), as markdown."""
-    found = data.get("command") or data.get("commands") or []
-    if not found and any("command" in run for run in data.get("runs", [])):
-        return "each run's, in its table"
-    found = "; ".join([found] if isinstance(found, str) else found)
-    return f"`{found}`".replace("|", "\\|") if found else "—"  # | would end a table cell
 
 
 def variant(data: dict) -> tuple[str, dict]:
@@ -307,7 +305,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "report")
+    pages = parser.add_mutually_exclusive_group()
+    pages.add_argument("--docs", action="store_true",
+                       help="rewrite the generated tables of README.md and docs/benchmarks.md "
+                            "(benchmarks/figures.py) from the results, and nothing else")
+    pages.add_argument("--check-docs", action="store_true",
+                       help="exit 1 when those tables differ from what the results give")
     args = parser.parse_args(argv)
+    if args.docs or args.check_docs:
+        stale = stale_pages(args.results, write=args.docs)
+        verb = "rewrote" if args.docs else "out of date (run `python benchmarks/report.py --docs`)"
+        for name in stale:
+            print(f"{name}: {verb}")
+        if args.check_docs and stale:
+            raise SystemExit(1)
+        return [HERE.parent / name for name in stale]
 
     res, notes = Results(args.results), []
     points = quality_points(res, notes)

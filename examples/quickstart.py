@@ -93,27 +93,32 @@ def ensure_student(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def compare_rankings(chatbot: Chatbot, question: str, width: int = 38) -> str:
-    """Qdrant's cosine top-n next to D2LLM's top-n, each D2LLM hit with its cosine rank."""
+    """Plain vector search's top-n next to this package's, each of this package's passages
+    with where plain vector search had put it."""
     candidates = chatbot.first_stage(question, chatbot.similarity_top_k)
-    cosine_rank = {s.node_id: s.rank for s in candidates}
-    d2llm = chatbot.search(question)
+    plain_rank = {s.node_id: s.rank for s in candidates}
+    ours = chatbot.search(question)
 
-    def cell(source: Source | None, detail: str) -> str:
+    def cell(source: Source | None, detail: str = "") -> str:
         if source is None:
             return " " * width
-        name = textwrap.shorten(f"{source.source} {source.snippet(60)}", width - len(detail) - 1,
-                                placeholder="…")
-        return f"{name} {detail}".ljust(width)
+        room = width - len(detail) - 1 if detail else width
+        name = textwrap.shorten(f"{source.label}: {source.snippet(60)}", room, placeholder="…")
+        return f"{name} {detail}".ljust(width) if detail else name.ljust(width)
 
-    lines = [f"  {'#':>2}  {'Qdrant cosine alone':<{width}}  D2LLM: {chatbot.ranking_label}"]
+    def moved(source: Source) -> str:
+        was = plain_rank.get(source.node_id)
+        if was is None:
+            return f"(new: not in its top {len(candidates)})"
+        return "(same)" if was == source.rank else f"(was #{was})"
+
+    lines = [f"  this package: {chatbot.ranking_words}",
+             f"  {'#':>2}  {'plain vector search':<{width}}  this package"]
     for i in range(chatbot.top_n):
-        first = candidates[i] if i < len(candidates) else None
-        mine = d2llm[i] if i < len(d2llm) else None
-        left = cell(first, f"{first.score:.3f}" if first else "")
-        was = cosine_rank.get(mine.node_id) if mine else None
-        right = cell(mine, f"{mine.score:+.2f} (cos #{was or '>' + str(len(candidates))})"
-                     if mine else "")
-        lines.append(f"  {i + 1:>2}  {left}  {right}")
+        plain = candidates[i] if i < len(candidates) else None
+        mine = ours[i] if i < len(ours) else None
+        row = f"  {i + 1:>2}  {cell(plain)}  {cell(mine, moved(mine) if mine else '')}"
+        lines.append(row.rstrip())
     return "\n".join(lines)
 
 

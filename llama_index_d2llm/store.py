@@ -10,7 +10,7 @@ collection was not built by another one, and records the student on the first wr
 A collection it creates compares vectors by dot product, not cosine: the student's vectors are
 L2-normalised already, so the ranking and the scores are the cosine's, while Qdrant's embedded
 mode re-normalises every stored vector of a cosine collection on each query (half of a
-search's time at 100,000 points; ``benchmarks/distance_ab.py``). A student that does not
+search's time at 100,000 points; ``benchmarks/probes/distance_ab.py``). A student that does not
 normalise needs dot product anyway: a cosine collection would change its vectors.
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from examples.chatbot import core
+from examples.chatbot.chat import INTERNAL_TERMS
 from examples.chatbot.core import (
     ChatbotError,
     ChatbotOptions,
@@ -315,9 +316,10 @@ def test_terminal_chat_loop(docs, tiny_student_dir, tiny_llm, tmp_path):
         chatbot.documents.client.close()
     text = stdout.getvalue()
     assert text.count("bot> ") == 2 and "(sources hidden)" in text
-    assert text.count("sources (ranked by D2LLM):") == 1
-    assert re.search(r"\[1\] D2LLM +-?\d+\.\d{3}  first stage +-?\d\.\d{3} \(#\d\)  \S+\.md",
-                     text)
+    assert text.count("where this answer comes from, best match first:") == 1
+    assert re.search(r"\[1\] [█░]{10}  \S+\.md( › [^\n]+)?  \(plain vector search alone would "
+                     r"have ranked it #\d\)\n", text)
+    assert not INTERNAL_TERMS.search(text)
     assert "(new conversation)" in text and "never asked" not in text
 
 
@@ -414,7 +416,7 @@ def test_terminal_and_ingest_commands(docs, tiny_student_dir, tiny_backbone, tmp
     assert main(["terminal", *common, "--llm", f"hf:{tiny_backbone}", "--max-new-tokens",
                  "4"]) == 0
     out = capsys.readouterr().out
-    assert "3 unchanged; embedded 0 chunks" in out and "bot> " in out and "[2] D2LLM" in out
+    assert "3 unchanged; embedded 0 chunks" in out and "bot> " in out and "\n  [2] " in out
     assert main([]) == 2
     assert main(["terminal", *common, "--top-n", "20"]) == 2
     assert "larger than --top-k" in capsys.readouterr().err
@@ -434,12 +436,14 @@ def test_quickstart_quick_with_tiny_models(docs, tiny_backbone, tmp_path, capsys
     out = capsys.readouterr().out
     assert "[1/3] distilling a student:  d2llm-rag distill --corpus" in out
     assert (tmp_path / "run" / "student" / "d2llm_config.json").exists()
-    # the header says what D2LLM's ranking is: hybrid search, rescored as the student records
-    assert "Qdrant cosine alone" in out
-    assert re.search(r"D2LLM: hybrid top 10 (rescored by cosine( \+ [\d.]+ (BM25|IEM))*"
-                     r"|in its own order)\n", out)
+    # the table compares what a user compares, in words: plain vector search and this package
+    assert re.search(r"  #  plain vector search +this package\n", out)
+    assert re.search(r"this package: vector \+ keyword search, its best 10( reordered by "
+                     r"meaning(, keywords)?( and (keywords|the tuned model's judgement))?)?\n", out)
     table = [line for line in out.splitlines() if re.match(r"\s+[123]  \S", line)]
-    assert len(table) == 3 and all("(cos #" in line for line in table)
+    assert len(table) == 3
+    assert all(re.search(r"\((same|was #\d+|new: not in its top 10)\)$", line) for line in table)
+    assert not INTERNAL_TERMS.search(out.split("\n[2/3]")[-1].split("\nA: ")[0])
     assert "\nA: " in out
     assert main(argv) == 0  # second run: student and index are reused
     out = capsys.readouterr().out

@@ -128,7 +128,7 @@ class DistillConfig:
         "a sentence-transformers model declares, else mean) or 'none' (the paper's PMA alone)."))
     backbone_layers: int | None = setting(None, "student", help=(
         "Keep only the first N transformer layers of the student backbone and pool their output "
-        "(faster; a middle layer is often the better embedding: benchmarks/layer_probe.py "
+        "(faster; a middle layer is often the better embedding: benchmarks/probes/layer_probe.py "
         "measures it). Default: 13 of 18 for the offline Gemma 3 270M (its best layer on "
         "SciFact), all layers for other models."))
     tune_top_layers: int = setting(0, "student", help=(

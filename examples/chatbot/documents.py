@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,19 @@ def load_file(path: Path, relative: str, sha256: str) -> list[Any]:
         # The student was distilled on passage text alone: embed exactly that.
         document.excluded_embed_metadata_keys = sorted(set(document.metadata) | {"source"})
     return [d for d in documents if d.text and d.text.strip()]
+
+
+#: A Markdown heading line; its text names the section below it.
+HEADING = re.compile(r"^#{1,6}\s+(.*\S)\s*$", re.M)
+
+
+def section_at(text: str, start: int | None, passage: str) -> str:
+    """The heading a passage sits under: the last one of ``text`` before its ``start`` (its
+    own first line included), or the first in the passage; "" when there is none."""
+    first_line = passage.lstrip().split("\n", 1)[0]
+    before = text[:start] if start is not None else ""
+    headings = HEADING.findall(before + "\n" + first_line) or HEADING.findall(passage)[:1]
+    return headings[-1] if headings else ""
 
 
 def _in_blocks(document: Any, relative: str) -> list[Any]:

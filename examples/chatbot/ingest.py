@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from examples.chatbot.documents import load_file, scan_folder, sha256_of
+from examples.chatbot.documents import load_file, scan_folder, section_at, sha256_of
 from examples.chatbot.errors import ChatbotError
 from examples.chatbot.store import StoreLocation
 from llama_index_d2llm.student.errors import StudentMismatchError
@@ -287,7 +287,15 @@ class DocumentIndex:
         splitter = SentenceSplitter(
             chunk_size=self.chunk_tokens, chunk_overlap=self.chunk_overlap,
             tokenizer=lambda text: tokenizer.encode(text, add_special_tokens=False))
-        return splitter.get_nodes_from_documents(documents)
+        nodes = splitter.get_nodes_from_documents(documents)
+        texts = {document.doc_id: document.text or "" for document in documents}
+        for node in nodes:  # the section a passage sits under, shown with its file
+            section = section_at(texts.get(node.ref_doc_id, ""), node.start_char_idx, node.text)
+            if section:
+                node.metadata["section"] = section  # for the sources list only: the text
+                for keys in ("excluded_embed_metadata_keys", "excluded_llm_metadata_keys"):
+                    setattr(node, keys, sorted({*getattr(node, keys), "section"}))
+        return nodes
 
     def _commit(self, batch: list[tuple[str, FileRecord, list[TextNode], bool]],
                 manifest: Manifest, report: IngestReport) -> int:

@@ -3,9 +3,9 @@
     python -m examples.chatbot.terminal --docs DIR --student DIR
 
 Type a question; the answer streams (quoted from the passages with the offline base model,
-generated with an instruction-tuned ``--llm``; each answer says which); the passages D2LLM
-ranked come after it with D2LLM's score and the first stage's (the cosine, or hybrid search's
-RRF score) with its rank there, so the reranking is visible. Follow-up questions are
+generated with an instruction-tuned ``--llm``; each answer says which); the passages it comes
+from follow, best match first, each labelled by its file and section, with a bar for how well
+it matched and where plain vector search alone would have ranked it. Follow-up questions are
 condensed with the conversation. Commands: /reset, /sources, /quit.
 """
 
@@ -23,17 +23,25 @@ from examples.chatbot.core import Chatbot, ChatbotError, Source, build_chatbot
 HELP = "commands: /reset (new conversation), /sources (show or hide sources), /quit"
 
 
+def score_bar(score: float, scores: list[float], width: int = 10) -> str:
+    """How strongly a passage matched, as a bar: the best of the list full, the weakest a
+    quarter (as the web page draws it)."""
+    top, low = max(scores), min(scores)
+    share = 0.25 + 0.75 * (score - low) / (top - low) if top > low else 1.0
+    filled = max(1, round(share * width))
+    return "█" * filled + "░" * (width - filled)
+
+
 def format_sources(sources: list[Source], width: int = 100) -> str:
-    """One line per passage: D2LLM rank and score, the first stage's score (the cosine, or
-    the RRF score of hybrid search) and rank, file, snippet."""
+    """One line per passage, best match first: its rank, file and section, a bar for how well
+    it matched, where plain vector search alone ranked it; then a snippet."""
     if not sources:
-        return "  (no sources)"
-    lines = []
+        return "  (no passage of your documents matched)"
+    scores = [s.score for s in sources]
+    lines = ["  where this answer comes from, best match first:"]
     for s in sources:
-        score = "   n/a" if s.retrieval_score is None else f"{s.retrieval_score:6.3f}"
-        first = "-" if s.first_stage_rank is None else str(s.first_stage_rank)
-        head = f"  [{s.rank}] D2LLM {s.score:7.3f}  first stage {score} (#{first})  {s.source}"
-        lines.append(head)
+        note = f"  ({s.rank_note()})" if s.rank_note() else ""
+        lines.append(f"  [{s.rank}] {score_bar(s.score, scores)}  {s.label}{note}")
         lines.append(f"      {s.snippet(width - 6)}")
     return "\n".join(lines)
 

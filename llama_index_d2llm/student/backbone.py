@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BACKBONE_NAME = "gemma-3-270m (offline default)"
 #: Blocks of the default Gemma 3 270M (of 18) that a distilled student keeps. Mean-pooled
 #: through the final norm, block 13's output ranked SciFact dev claims at nDCG@10 0.36 where
-#: the last block's gave 0.24 (benchmarks/layer_probe.py), and a student distilled on it
+#: the last block's gave 0.24 (benchmarks/probes/layer_probe.py), and a student distilled on it
 #: reached 0.573 against 0.459 with all 18, while encoding 28% less.
 DEFAULT_BACKBONE_LAYERS = 13
 _DEFAULT_DIR_NAME = "gemma-3-270m-q4_k_m-dequantised-v1"

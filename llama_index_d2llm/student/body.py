@@ -88,7 +88,7 @@ def truncate_layers(body: torch.nn.Module, keep: int | None) -> torch.nn.Module:
     """Keep the first ``keep`` transformer blocks and drop the rest, in place.
 
     A decoder's last layers are shaped for next-token prediction; an intermediate layer can
-    be the better embedding and costs proportionally less to run (``benchmarks/
+    be the better embedding and costs proportionally less to run (``benchmarks/probes/
     layer_probe.py`` measures which). The body's final norm still applies to the output.
     """
     if keep is None:

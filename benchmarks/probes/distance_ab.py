@@ -1,6 +1,6 @@
 """Cosine against dot product in the embedded Qdrant, back to back in one process.
 
-    python benchmarks/distance_ab.py --student runs/kfold-minilm/students/minilm-fold0 \\
+    python benchmarks/probes/distance_ab.py --student runs/kfold-minilm/students/minilm-fold0 \\
         --qdrant-path runs/kfold-minilm/qdrant/minilm-fold0 --queries 50 --sizes 100000
 
 ``D2LLMVectorStore`` creates dot-product collections: the student's vectors are unit length,
@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from retriever_latency import student_collection_arguments  # beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from retriever_latency import student_collection_arguments  # noqa: E402
 
 
 def median_ms(times: list[float]) -> float:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     claims = [json.loads(line)["text"]
               for line in (args.data / "queries.jsonl").read_text().splitlines()]
-    result: dict = {"command": "python benchmarks/distance_ab.py " + " ".join(argv or [])}
+    result: dict = {"command": "python benchmarks/probes/distance_ab.py " + " ".join(argv or [])}
     result["retriever"] = retriever_ab(args, claims[:args.queries])
     print(json.dumps(result["retriever"]), flush=True)
     dimension = result["retriever"]["dimension"]

@@ -1,6 +1,6 @@
 """Which rescoring of the hybrid candidates holds out best? The probe behind student/fusion.py.
 
-    python benchmarks/fusion_probe.py --work runs/kfold --variant labels
+    python benchmarks/probes/fusion_probe.py --work runs/kfold --variant labels
 
 For each k-fold student that ``scifact_kfold.py`` left under ``--work`` (frozen backbone: its
 vectors are PMA over the cached token states, no backbone run), every claim is searched over
@@ -190,7 +190,7 @@ def main() -> None:
     summary = {group: {key: {"mean": statistics.fmean(v), "std": statistics.stdev(v),
                              "folds": v} for key, v in rows.items()}
                for group, rows in table.items()}
-    args.output.write_text(json.dumps({"command": "python benchmarks/fusion_probe.py --work "
+    args.output.write_text(json.dumps({"command": "python benchmarks/probes/fusion_probe.py --work "
                                        f"{args.work} --variant {args.variant}",
                                        "ndcg@10": summary}, indent=1))
     for key, value in summary["test"].items():

@@ -1,7 +1,7 @@
 """Would exported inference index faster? ONNX Runtime against torch on the student's encoder.
 
     pip install onnxruntime
-    python benchmarks/onnx_encoder.py --student runs/kfold-minilm/students/minilm-fold0 \\
+    python benchmarks/probes/onnx_encoder.py --student runs/kfold-minilm/students/minilm-fold0 \\
         --output benchmarks/results/onnx-encoder-cpu.json
 
 The student's backbone is exported to ONNX (fp32, dynamic batch and length) and run by ONNX
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 
 
 def export(student, path: Path, sample: dict[str, torch.Tensor]) -> None:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = (queries @ vectors["torch fp32"].T).topk(10).indices
     result = {"student": exact.name, "passages": len(passages), "real_tokens": tokens,
               "threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
-              "command": "python benchmarks/onnx_encoder.py " + " ".join(argv or []),
+              "command": "python benchmarks/probes/onnx_encoder.py " + " ".join(argv or []),
               "engines": {}}
     base = statistics.median(times["torch fp32"])
     for name, vecs in vectors.items():

@@ -1,6 +1,6 @@
 """Which backbone layer makes the best frozen embedding? Zero-shot probe on SciFact dev.
 
-    python benchmarks/layer_probe.py --work runs/scifact
+    python benchmarks/probes/layer_probe.py --work runs/scifact
 
 Runs the student's backbone (the offline default Gemma 3 270M unless ``--backbone``) once
 over the dev claims and the whole corpus with every hidden state returned, mean-pools each
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from scifact import SCIFACT, write_split  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc_ids = [p.id for p in data.corpus]
     doc_texts = [p.text for p in data.corpus]
     metrics = ["ndcg@10", "recall@100", "mrr@10"]
-    result: dict = {"command": " ".join(["python", "benchmarks/layer_probe.py", *(argv or
+    result: dict = {"command": " ".join(["python", "benchmarks/probes/layer_probe.py", *(argv or
                                                                                   sys.argv[1:])]),
                     "queries": len(query_ids), "corpus": len(doc_ids)}
 
