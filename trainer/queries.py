@@ -214,7 +214,7 @@ def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: 
         cache_file = Path(cache_dir) / "generated-queries" / f"{key[:24]}.jsonl"
         done = _read_generated(cache_file)
     todo = [p for p in chosen if done.get(p.id, {}).get("passage_sha256") != _sha(p.text)]
-    size = batch_size or teacher.batch_size
+    size = batch_size or teacher.generation_batch_size
     batches = range(0, len(todo), size)
     if show_progress and todo:
         from tqdm.auto import tqdm
