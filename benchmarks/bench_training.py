@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": torch.get_num_threads(), "modes": {}}
     student = build_student(args, None, lora=True)
     blocks = len(decoder_layers(student.body))
-    result.update(device=str(student.device), dtype=str(student.backbone_dtype), blocks=blocks)
+    embedding = student.body.get_input_embeddings().weight
+    params = sum(p.numel() for p in student.body.parameters() if p is not embedding)
+    result.update(device=str(student.device), dtype=str(student.backbone_dtype), blocks=blocks,
+                  non_embedding_params=params)
     vocab = student.body.config.vocab_size
     ids = torch.randint(10, min(vocab, 30000), (args.texts, args.tokens), device=student.device)
     mask = torch.ones_like(ids)
