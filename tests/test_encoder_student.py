@@ -46,6 +46,7 @@ def make_config(tmp_path: Path, beir: Path, backbone: str, **overrides) -> Disti
         output=str(tmp_path / "student"), corpus=str(beir / "corpus.jsonl"),
         queries=str(beir / "queries.jsonl"), qrels=str(beir / "qrels" / "train.tsv"),
         student=backbone, pma_heads=4, iem_hidden_size=16, num_negatives=3,
+        # the CPU: distilled students are compared with cached states at tight tolerances
         num_easy_negatives=2, batch_size=4, epochs=2, dev_fraction=0.0, device="cpu",
         dtype="float32", show_progress=False, frozen_backbone=True, max_passage_length=32,
         max_query_length=16, lr=3e-3,

@@ -4,14 +4,14 @@
 #     bash benchmarks/gpu_check/build_payload.sh            # everything
 #     NO_WHEELS=1 bash benchmarks/gpu_check/build_payload.sh   # for the CPU smoke run
 #
-# .gpu/ holds run.sh and its helpers, proj.tar.xz (`git archive HEAD`: commit first), the
+# PAYLOAD_DIR: another folder than .gpu/ (the smoke run builds its own). .gpu/ holds run.sh and its helpers, proj.tar.xz (`git archive HEAD`: commit first), the
 # data (make_data.py's SciFact subset, data.tar.xz), the model shapes (configs and tokenizers,
 # no weights: SHAPES, default ../shared/gpu-check) and whl.tar.xz, the wheels of wheels.txt
 # re-zipped uncompressed and xz'd together (28 MB instead of 40 MB of wheels).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(git -C "$HERE" rev-parse --show-toplevel)
-G=$REPO/.gpu
+G=${PAYLOAD_DIR:-$REPO/.gpu}
 PY=${PY:-python3}
 SHAPES=${SHAPES:-$REPO/../shared/gpu-check}
 DATA_SRC=${DATA_SRC:-$REPO/../shared/data/scifact}
@@ -28,11 +28,12 @@ cp -r "$SHAPES/minilm_shape" "$G/shapes/minilm"
 chmod -R u+w "$G/shapes"
 
 git -C "$REPO" archive --format=tar HEAD | xz -9 -T0 > "$G/proj.tar.xz"
-git -C "$REPO" rev-parse --short HEAD > "$G/PROJ_COMMIT"
+DIRTY=""
 if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]; then
   echo "warning: uncommitted changes are not in proj.tar.xz (it is HEAD)" >&2
-  echo "+uncommitted-changes-left-out" >> "$G/PROJ_COMMIT"
+  DIRTY=" (uncommitted changes left out)"
 fi
+echo "$(git -C "$REPO" rev-parse --short HEAD)$DIRTY" > "$G/PROJ_COMMIT"
 
 # shellcheck disable=SC2086
 "$PY" "$HERE/make_data.py" "$DATA_SRC" "$TMP/scifact" $MAKE_DATA_ARGS

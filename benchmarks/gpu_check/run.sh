@@ -31,10 +31,14 @@ if [ "$SMOKE" = 1 ]; then
   DEVICE=${DEVICE:-cpu}
   SKIP_INSTALL=${SKIP_INSTALL:-1}
   export D2LLM_SHRINK_LAYERS=${D2LLM_SHRINK_LAYERS:-2}
+  CAP_X=${CAP_X:-4}                  # a shared CPU is slow: every step's cap times 4
+  BLOCKS=$D2LLM_SHRINK_LAYERS
   TESTS=${TESTS:-tests/test_batching.py tests/test_accelerator_state.py tests/test_bench_timing.py tests/test_attention.py}
   DISTILL_EXTRA=${DISTILL_EXTRA:---max-steps 2 --epochs 1 --teacher-max-length 96 --max-passage-length 48 --num-negatives 2 --num-easy-negatives 1 --batch-size 4 --eval-every 1000}
 else
   DEVICE=${DEVICE:-cuda}
+  CAP_X=${CAP_X:-1}
+  BLOCKS=13                          # the default student's blocks of Gemma 3 270M
   SKIP_INSTALL=${SKIP_INSTALL:-0}
   TESTS=${TESTS:-tests --ignore=tests/test_web_chat.py --ignore=tests/test_packaging.py}
   DISTILL_EXTRA=${DISTILL_EXTRA:-}
@@ -66,6 +70,7 @@ log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LO
 step() {
   local name=$1 cap=$2 reserve=$3 min=$4 out=$5; shift 5
   local now left t rc s0 s1
+  cap=$((cap * CAP_X)); reserve=$((reserve * CAP_X))
   now=$(date +%s); left=$((DEADLINE - now - reserve))
   t=$(( cap < left ? cap : left ))
   case " $SKIP_STEPS " in *" $name "*)
@@ -126,12 +131,12 @@ if [ -d "$TIKTOKEN" ]; then export TIKTOKEN_CACHE_DIR=$TIKTOKEN; fi
 XDIST="" THREADS=""
 if [ "$SMOKE" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 8" THREADS="export OMP_NUM_THREADS=2;"; fi
 TEST_DEVICE=$DEVICE
-step tests ${TESTS_CAP:-150} ${TESTS_RESERVE:-270} 30 "$OUT/tests.txt" sh -c "cd \"$PROJ\" || exit 1; $THREADS export D2LLM_TEST_DEVICE=$TEST_DEVICE; exec \"$PY\" -m pytest -p no:cacheprovider $XDIST --maxfail=${MAXFAIL:-50} -q -rfE --durations=10 -o faulthandler_timeout=120 $TESTS"
+step tests ${TESTS_CAP:-150} ${TESTS_RESERVE:-270} 30 "$OUT/tests.txt" sh -c "cd \"$PROJ\" || exit 1; $THREADS export D2LLM_TEST_DEVICE=$TEST_DEVICE; exec \"$PY\" -m pytest -p no:cacheprovider $XDIST --maxfail=${MAXFAIL:-50} -rfE --durations=10 -o faulthandler_timeout=120 $TESTS"
 
 # ------------------------------------------------------------------ 2. benchmarks
 if [ "$SMOKE" = 1 ]; then
   INF="--passages 16 --repeats 1 --query-repeats 2 --teacher-repeats 1 --top-k 10 --corpus-size 200"
-  TEA="--pairs 8 --max-lengths 96 --repeats 1 --shape-batch-sizes 1 --dtypes"
+  TEA="--pairs 8 --max-lengths 96 --repeats 1 --shape-batch-sizes 1 --dtypes --skip causal_lm"
   TRA="--texts 4 --tokens 32 --top 1 --repeats 1"
 else
   INF="--passages 1024 --repeats 3 --query-repeats 20 --teacher-repeats 3 --top-k 100 --corpus-size 5183"
@@ -144,7 +149,7 @@ step bench-teacher 60 200 20 "$OUT/log.txt" "$PY" "$B/bench_teacher.py" --device
 # shellcheck disable=SC2086
 step bench-inference 60 170 20 "$OUT/log.txt" "$PY" "$B/bench_inference.py" --data "$DATA" $INF --output "$OUT/bench_inference.json"
 # shellcheck disable=SC2086
-step bench-training 45 150 20 "$OUT/log.txt" "$PY" "$B/bench_training.py" --random-weights --device "$DEVICE" --backbone-layers 13 $TRA --output "$OUT/bench_training.json"
+step bench-training 45 150 20 "$OUT/log.txt" "$PY" "$B/bench_training.py" --random-weights --device "$DEVICE" --backbone-layers "$BLOCKS" $TRA --output "$OUT/bench_training.json"
 
 # ------------------------------------------------------------------ 3. distillation
 # The project's defaults (no device flags): the random Gemma-shaped teacher under
