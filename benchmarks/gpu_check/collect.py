@@ -92,8 +92,10 @@ def training(data: dict) -> dict:
     modes = {}
     for name, mode in data.get("modes", {}).items():
         per_s = texts * tokens / mode["seconds"] if texts and tokens else None
+        # "frozen" trains the heads on cached states: the backbone's weights do no work
         modes[name] = {"seconds": round(mode["seconds"], 4),
-                       **rate(params, per_s, 2 if name == "cache_forward" else 6)}
+                       **rate(None if name == "frozen" else params, per_s,
+                              2 if name == "cache_forward" else 6)}
     return {"device": data.get("device"), "dtype": data.get("dtype"),
             "blocks": data.get("blocks"), "texts": texts, "tokens": tokens, "modes": modes}
 
