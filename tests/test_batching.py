@@ -95,7 +95,7 @@ def test_teacher_auto_batches_from_memory_and_scores_the_same(tiny_backbone, dev
 
     teacher = Teacher.from_pretrained(tiny_backbone, dtype="float32", device=device,
                                       mode="query-likelihood")
-    assert teacher.batch_size is None and teacher.generation_batch_size == CPU_BATCH_SIZE
+    assert teacher.batch_size is None  # automatic: generation then uses GENERATION_BATCH_SIZE
     queries = [f"{q} {n}" for n in ("one", "two", "three")
                for q in ("the cat sat", "which gene in cancer cells", "a dog", "water energy")]
     passages = ["on the mat", "protein cell gene " * 5, "runs in the park", "sun"] * 3
@@ -112,3 +112,33 @@ def test_teacher_auto_batches_from_memory_and_scores_the_same(tiny_backbone, dev
     torch.testing.assert_close(teacher.score(queries, passages).logits, expected,
                                atol=1e-4, rtol=1e-4)
     assert sum(sizes) == len(queries) and len(set(sizes)) > 1 and sizes[0] < max(sizes)
+
+
+def test_generation_keeps_fixed_batches_when_scoring_batches_are_automatic():
+    """Generated text depends on its padding batch: an automatic (None) teacher batch size
+    must not make generation follow the free memory."""
+    from llama_index_d2llm.trainer.corpus import Passage
+    from llama_index_d2llm.trainer.queries import GENERATION_BATCH_SIZE, generate_queries
+
+    class Writer:
+        fingerprint, max_length = "writer", 256
+
+        def __init__(self, batch_size):
+            self.batch_size, self.sizes = batch_size, []
+
+        def count_tokens(self, text):
+            return len(text.split())
+
+        def truncate(self, text, max_tokens):
+            return text
+
+        def generate(self, prompts, **kwargs):
+            self.sizes.append(len(prompts))
+            return [f"which gene {len(self.sizes)} {i}" for i in range(len(prompts))]
+
+    passages = [Passage(f"p{i}", f"the cell and the gene {i}") for i in range(11)]
+    auto, set_ = Writer(None), Writer(3)
+    generate_queries(passages, auto, show_progress=False)
+    generate_queries(passages, set_, show_progress=False)
+    assert auto.sizes == [GENERATION_BATCH_SIZE, 11 - GENERATION_BATCH_SIZE]
+    assert set_.sizes == [3, 3, 3, 2]

@@ -80,8 +80,7 @@ logger = logging.getLogger(__name__)
 SCORING_VERSION = "teacher-v1"
 _YES_NO_CANDIDATES = ((" yes", " no"), ("yes", "no"), (" Yes", " No"), ("Yes", "No"))
 _CHAT_YES_NO_CANDIDATES = (("Yes", "No"), ("yes", "no"), (" Yes", " No"), (" yes", " no"))
-#: Pairs per teacher batch on the CPU when the batch size is automatic (and the largest
-#: generation batch: generated queries depend on the batch they were padded in).
+#: Pairs per teacher batch on the CPU when the batch size is automatic.
 CPU_BATCH_SIZE = 8
 
 
@@ -374,12 +373,6 @@ class Teacher:
             self.hidden_size, getattr(config, "intermediate_size", None), self.dtype.itemsize)
         return auto_batch_size(self.device, width, bytes_per_token=per_token,
                                cpu_size=CPU_BATCH_SIZE)
-
-    @property
-    def generation_batch_size(self) -> int:
-        """Prompts per generation batch: the set batch size, else CPU_BATCH_SIZE on every
-        device (a full-suite run failed when generation followed the scoring batch size)."""
-        return self.batch_size or CPU_BATCH_SIZE
 
     @torch.inference_mode()
     def _forward(self, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
