@@ -21,22 +21,25 @@ import json
 import platform
 import random
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import clock  # noqa: E402
+
 SHARED_SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 
 
-def load_passages(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
+def load_passages(count: int, seed: int = 0, data: Path = SHARED_SCIFACT
+                  ) -> tuple[list[str], list[str]]:
     """SciFact passages and claims when available, else synthetic text of similar length."""
     rng = random.Random(seed)
-    if (SHARED_SCIFACT / "corpus.jsonl").exists():
-        corpus = [json.loads(line) for line in (SHARED_SCIFACT / "corpus.jsonl").open()]
-        queries = [json.loads(line)["text"]
-                   for line in (SHARED_SCIFACT / "queries.jsonl").open()]
+    if (data / "corpus.jsonl").exists():
+        corpus = [json.loads(line) for line in (data / "corpus.jsonl").open()]
+        queries = [json.loads(line)["text"] for line in (data / "queries.jsonl").open()]
         rng.shuffle(corpus)
         texts = [f"{d['title']}\n{d['text']}".strip() for d in corpus[:count]]
         return texts, queries
@@ -49,17 +52,20 @@ def load_passages(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
 def timed(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
-def bench_encoding(student, passages: list[str], batch_size: int, repeats: int) -> dict:
-    # The raw forward runs on the batches encode() would build: same sort, same truncation.
-    order = sorted(range(len(passages)), key=lambda i: -len(passages[i]))
-    batches = [student.tokenize([passages[i] for i in order[s:s + batch_size]], "passage")
-               for s in range(0, len(passages), batch_size)]
+def bench_encoding(student, passages: list[str], batch_size: int | None, repeats: int) -> dict:
+    from llama_index_d2llm.student.batching import length_batches
+
+    # The raw forward runs on the batches encode() would build: same buckets, same truncation
+    # (batch_size None: sized from the free memory on CUDA, as encode() sizes them).
+    buckets = length_batches([len(p) for p in passages],
+                             batch_size or student._auto_batch_size("passage"))
+    batches = [student.tokenize([passages[i] for i in index], "passage") for index in buckets]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 
     def raw_forward():
@@ -77,7 +83,8 @@ def bench_encoding(student, passages: list[str], batch_size: int, repeats: int) 
         raw_times += timed(raw_forward, 1)
     encode_s, raw_s = statistics.median(encode_times), statistics.median(raw_times)
     return {
-        "passages": len(passages), "batch_size": batch_size, "real_tokens": tokens,
+        "passages": len(passages), "batch_size": batch_size or "auto",
+        "batch_sizes": sorted({len(index) for index in buckets}), "real_tokens": tokens,
         "encode_median_s": encode_s, "raw_forward_median_s": raw_s,
         "encode_passages_per_s": len(passages) / encode_s,
         "raw_forward_passages_per_s": len(passages) / raw_s,
@@ -166,7 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="teacher for the cross-encoder baseline (default: offline Gemma "
                              "3 270M); 'none' skips it")
     parser.add_argument("--passages", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="texts per batch; default: encode()'s (16 on a CPU, from the free "
+                        "memory on CUDA)")
+    parser.add_argument("--data", type=Path, default=SHARED_SCIFACT,
+                        help="a BEIR folder (corpus.jsonl, queries.jsonl)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--query-repeats", type=int, default=7)
     parser.add_argument("--teacher-repeats", type=int, default=3)
@@ -176,15 +187,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    start = time.perf_counter()
+    start = clock()
     student = load_student(args.student, args.dtype)
-    load_s = time.perf_counter() - start
-    passages, queries = load_passages(max(args.passages, args.top_k))
+    load_s = clock() - start
+    passages, queries = load_passages(max(args.passages, args.top_k), data=args.data)
     report = {
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                     "torch": torch.__version__, "device": str(student.device),
                     "dtype": str(student.backbone_dtype)},
         "student": student.name, "load_s": load_s,
+        "non_embedding_params": sum(
+            p.numel() for p in student.body.parameters()
+            if p is not student.body.get_input_embeddings().weight),
         "max_passage_length": student.config.max_passage_length,
         "encoding": bench_encoding(student, passages[:args.passages], args.batch_size,
                                    args.repeats),

@@ -21,10 +21,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import clock  # noqa: E402
 
 
 def build_student(args, lora_layers: list[int] | None, lora: bool):
@@ -56,13 +58,9 @@ def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -88,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": torch.get_num_threads(), "modes": {}}
     student = build_student(args, None, lora=True)
     blocks = len(decoder_layers(student.body))
-    result.update(device=str(student.device), dtype=str(student.backbone_dtype), blocks=blocks)
+    embedding = student.body.get_input_embeddings().weight
+    params = sum(p.numel() for p in student.body.parameters() if p is not embedding)
+    result.update(device=str(student.device), dtype=str(student.backbone_dtype), blocks=blocks,
+                  non_embedding_params=params)
     vocab = student.body.config.vocab_size
     ids = torch.randint(10, min(vocab, 30000), (args.texts, args.tokens), device=student.device)
     mask = torch.ones_like(ids)

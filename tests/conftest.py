@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny_models import build_looping_lm, build_tiny_causal_lm
+from tests.tiny_models import build_looping_lm, build_tiny_causal_lm, device_for_tests
 
 #: Fixtures that build a model (here or in a test module): a test that uses one, directly
 #: or through another fixture, is marked slow; `python -m pytest -m "not slow"` loads none.
@@ -14,6 +14,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device the tests put models on: the CPU unless D2LLM_TEST_DEVICE names another
+    (``D2LLM_TEST_DEVICE=cuda`` on a GPU machine). Tests build their tensors on the model's
+    device, so the suite passes on either; a test that pins the CPU says why."""
+    return device_for_tests()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from llama_index_d2llm.trainer import cli
 from llama_index_d2llm.trainer.config import DISTILL_CONFIG_NAME, DistillConfig
 from tests.distill_fixtures import TOPICS, OverlapTeacher, write_beir
 
+# the CPU, pinned: the CLI's tests compare metrics across runs, which CUDA does not keep exact
 TINY = ["--pma-heads", "4", "--iem-hidden-size", "16", "--num-negatives", "3",
         "--num-easy-negatives", "2", "--batch-size", "4", "--device", "cpu", "--dtype",
         "float32", "--max-passage-length", "32", "--max-query-length", "16", "--no-progress"]

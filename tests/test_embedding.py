@@ -13,8 +13,9 @@ from tests.plugin_helpers import TEXTS, count_encodes, documents
 
 
 @pytest.fixture(scope="module")
-def embed(tiny_student_dir):
-    return D2LLMEmbedding(model_name=tiny_student_dir, dtype="float32", embed_batch_size=3)
+def embed(tiny_student_dir, device):
+    return D2LLMEmbedding(model_name=tiny_student_dir, dtype="float32", embed_batch_size=3,
+                          device=str(device))
 
 
 def test_query_and_text_embeddings_are_the_students(embed):
@@ -104,7 +105,7 @@ def test_serialises_and_reloads_the_same_student(embed):
     data = embed.to_dict()
     assert data["class_name"] == "D2LLMEmbedding" and data["trust_remote_code"] is False
     again = D2LLMEmbedding.from_dict(data)
-    assert again.fingerprint == embed.fingerprint and again.device == "cpu"
+    assert again.fingerprint == embed.fingerprint and again.device == embed.device
 
 
 def test_ingestion_pipeline_embeds_nodes_with_the_passage_side(embed):

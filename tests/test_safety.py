@@ -97,6 +97,7 @@ def test_a_student_folder_cannot_turn_remote_code_on(tmp_path, tiny_student_dir,
         D2LLMStudent.from_pretrained(student, dtype="float32")
     with pytest.raises(CheckpointError, match="--trust-remote-code"):
         D2LLMEmbedding(model_name=str(student), dtype="float32")
+    # the CPU: a refusal does not depend on the device, and a CUDA run adds nothing to check
     eval_args = ["eval", str(student), "--data", str(beir), "--split", "train", "--top-k", "5",
                  "--rerank-k", "5", "--device", "cpu", "--dtype", "float32", "--no-progress"]
     assert cli.main(eval_args) == cli.EXIT_USAGE
@@ -122,6 +123,7 @@ def test_a_backbone_that_needs_its_own_code_names_the_flag(tmp_path, tiny_backbo
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
         D2LLMStudent.from_backbone(str(remote), pma_heads=4, dtype="float32")
     with pytest.raises(RemoteCodeError, match="trust_remote_code=True"):
+        # device="cpu": refused before any device is used
         Teacher.from_pretrained(str(remote), dtype="float32", device="cpu")
     for flag in ("--student", "--teacher"):
         code = cli.main(["distill", "--corpus", str(beir), flag, str(remote), "--output",

@@ -200,6 +200,7 @@ def test_when_distillation_only_loses_on_dev_the_starting_point_is_written(
         output=str(tmp_path / "student"), corpus=str(beir / "corpus.jsonl"),
         queries=str(beir / "queries.jsonl"), qrels=str(beir / "qrels" / "train.tsv"),
         student=tiny_bert, pma_heads=4, iem_hidden_size=16, num_negatives=3,
+        # the CPU: the floor's choice is checked on exact dev numbers, which CUDA does not keep
         num_easy_negatives=1, batch_size=4, epochs=3, dev_fraction=0.25, device="cpu",
         dtype="float32", show_progress=False, max_passage_length=32, max_query_length=16,
         lr=3e-2, seed=5)
@@ -250,6 +251,7 @@ def test_training_keeps_a_state_only_when_its_paired_dev_gain_clears_noise(
         output=str(tmp_path / "student"), corpus=str(beir / "corpus.jsonl"),
         queries=str(beir / "queries.jsonl"), qrels=str(beir / "qrels" / "train.tsv"),
         student=tiny_bert, pma_heads=4, iem_hidden_size=16, num_negatives=3,
+        # the CPU, as above: exact dev numbers
         num_easy_negatives=1, batch_size=4, epochs=2, dev_fraction=0.25, device="cpu",
         dtype="float32", show_progress=False, max_passage_length=32, max_query_length=16,
         lr=3e-2, seed=5)

@@ -15,8 +15,8 @@ TEXTS = ["the cat sat on the mat", "a dog runs in the park", "quantum physics of
 
 
 @pytest.fixture(scope="module")
-def student(tiny_student_dir):
-    return D2LLMStudent.from_pretrained(tiny_student_dir, dtype="float32")
+def student(tiny_student_dir, device):
+    return D2LLMStudent.from_pretrained(tiny_student_dir, dtype="float32", device=device)
 
 
 def test_encode_shape_order_and_normalisation(student):
@@ -58,6 +58,7 @@ def test_score_shapes_and_consistency(student):
     per_query = student.score(q.repeat(2, 1), p.expand(2, -1, -1))
     torch.testing.assert_close(per_query[1], one, atol=1e-6, rtol=1e-6)
     # the split W1 computation equals the plain concatenation of the paper
+    q, p, one = q.to(student.device), p.to(student.device), one.to(student.device)
     concat = torch.cat([q.expand(len(TEXTS), -1), p], dim=1) * student.iem.input_scale
     hidden = torch.relu(student.iem.f1(concat))
     branch = torch.relu(student.iem.f2["asymmetric"](hidden))
@@ -195,7 +196,7 @@ def test_backbone_layers_keep_the_first_layers_and_round_trip(tmp_path, tiny_gem
                                      iem_hidden_size=8, dtype="float32", seed=3)
     assert len(one.backbone.base_model.model.layers) == 1
     # the pooled states are the first layer's output (through the final norm)
-    full = AutoModel.from_pretrained(tiny_gemma_backbone, dtype=torch.float32)
+    full = AutoModel.from_pretrained(tiny_gemma_backbone, dtype=torch.float32).to(one.device)
     batch = one.tokenize(TEXTS[:2])
     with torch.no_grad():
         hidden = full(**batch, output_hidden_states=True).hidden_states[1]

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from llama_index_d2llm.trainer.teacher import Teacher, TeacherError
+from tests.tiny_models import device_for_tests
+
+TEST_DEVICE = device_for_tests()
 
 QUERIES = ["the cat sat", "which gene in cancer cells", "a dog", "water energy of the sun"]
 PASSAGES = ["on the mat . yes", "protein cell gene cancer data learning model network",
@@ -19,18 +22,21 @@ def model_dir(request, tiny_backbone, tiny_gemma_backbone):
 
 def load(path: str, **kwargs) -> Teacher:
     kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("device", TEST_DEVICE)
     return Teacher.from_pretrained(path, **kwargs)
 
 
 def naive_last_logits(teacher: Teacher, ids: list[int]) -> torch.Tensor:
     """The full LM's logits at the last position of one unpadded sequence."""
     with torch.no_grad():
-        return teacher.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        ids_ = torch.tensor([ids], device=teacher.device)
+        return teacher.model(input_ids=ids_).logits[0, -1].float().cpu()
 
 
 def naive_query_likelihood(teacher: Teacher, ids: list[int], start: int, end: int) -> float:
     with torch.no_grad():
-        logits = teacher.model(input_ids=torch.tensor([ids])).logits[0].float()
+        ids_ = torch.tensor([ids], device=teacher.device)
+        logits = teacher.model(input_ids=ids_).logits[0].float().cpu()
     logprobs = torch.log_softmax(logits, dim=-1)
     return torch.stack([logprobs[p - 1, ids[p]] for p in range(start, end)]).mean().item()
 
@@ -95,7 +101,7 @@ def test_query_likelihood_padded_batch_equals_single_and_naive(model_dir):
 
 
 def test_vocabulary_chunks_do_not_change_query_likelihood(tiny_backbone, monkeypatch):
-    from llama_index_d2llm.trainer import teacher as teacher_module
+    from llama_index_d2llm.trainer import teacher_head as teacher_module
 
     teacher = load(tiny_backbone, mode="query-likelihood")
     whole = teacher.score(QUERIES, PASSAGES).logits
@@ -106,7 +112,7 @@ def test_vocabulary_chunks_do_not_change_query_likelihood(tiny_backbone, monkeyp
     monkeypatch.setattr(teacher_module, "_CPU_VOCAB_SLICE", 7)
     assert vocab % 7 and vocab > 7 * 10
     torch.testing.assert_close(teacher.score(QUERIES, PASSAGES).logits, whole)
-    states = torch.randn(5, teacher.hidden_size, dtype=teacher.dtype)
+    states = torch.randn(5, teacher.hidden_size, dtype=teacher.dtype, device=teacher.device)
     torch.testing.assert_close(teacher._log_normaliser(states),
                                torch.logsumexp(teacher._head_logits(states), dim=-1))
 

@@ -28,6 +28,8 @@ def beir(tmp_path_factory) -> Path:
 
 def make_config(tmp_path: Path, beir: Path, backbone: str, name: str = "student",
                 **overrides) -> DistillConfig:
+    # pinned to the CPU: these tests compare runs bit for bit (same seed, resume), which CUDA's
+    # non-deterministic kernels do not promise; the device paths are tests/test_batching.py's
     settings = dict(
         output=str(tmp_path / name), corpus=str(beir / "corpus.jsonl"),
         queries=str(beir / "queries.jsonl"), qrels=str(beir / "qrels" / "train.tsv"),
@@ -68,7 +70,7 @@ def test_distill_lowers_the_loss_and_writes_a_loadable_student(tmp_path, beir, t
 
     from llama_index_d2llm import D2LLMEmbedding
 
-    embedding = D2LLMEmbedding(model_name=str(output), device="cpu")
+    embedding = D2LLMEmbedding(model_name=str(output), device="cpu")  # as the student above
     assert len(embedding.get_query_embedding("cat mat")) == 32
 
 
@@ -318,6 +320,7 @@ def test_distill_config_round_trips(tmp_path):
 
 
 def test_student_negatives_default_to_on_for_judged_queries_only():
+    # device="cpu": the defaults resolved for a CPU are the ones checked (a GPU picks others)
     judged = DistillConfig(corpus="c.jsonl", queries="q.jsonl", qrels="q.tsv", device="cpu")
     assert resolve_config(judged).student_negatives == 16
     assert resolve_config(DistillConfig(corpus="docs", device="cpu")).student_negatives == 0

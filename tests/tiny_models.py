@@ -6,6 +6,7 @@ A byte-level BPE tokenizer is trained on a few sentences (so any text tokenizes,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 WORDS = (
@@ -142,3 +143,14 @@ def build_looping_lm(directory: str | Path, line: str = LOOPING_LINE) -> Path:
             model.lm_head.weight[cycle[(i + 1) % len(cycle)], i] = 10.0
     model.save_pretrained(directory)
     return directory
+
+
+def device_for_tests():
+    """The device tests put models on: D2LLM_TEST_DEVICE (e.g. ``cuda`` on a GPU machine),
+    else the CPU, so a run here never depends on what hardware happens to be present."""
+    import torch
+
+    name = os.environ.get("D2LLM_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"D2LLM_TEST_DEVICE={name} but torch sees no CUDA device")
+    return torch.device(name)

@@ -109,8 +109,9 @@ class DistillConfig:
         "Imitate the teacher (the paper's losses): 'auto' only when it ranks the dev queries' "
         "candidates above the starting encoder beyond noise (else it writes queries and the "
         "positives label the pairs), 'on', or 'off'."))
-    teacher_batch_size: int = setting(8, "teacher", help=(
-        "Pairs per teacher forward pass."))
+    teacher_batch_size: int | None = setting(None, "teacher", shown="auto", help=(
+        "Pairs per teacher forward pass; unset: from the free GPU memory and the prompts' "
+        "length (8 on a CPU)."))
     teacher_max_length: int | None = setting(None, "teacher", shown="128 on a CPU, 512 on a GPU",
                                              help=(
         "Teacher prompt length limit in tokens (the passage is cut, never the instruction). "
@@ -211,14 +212,14 @@ class DistillConfig:
             raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
         positive = ["batch_size", "grad_accum", "epochs", "checkpoint_every", "lora_r",
                     "pma_heads", "iem_hidden_size", "max_query_length", "max_passage_length",
-                    "teacher_batch_size", "queries_per_passage",
+                    "queries_per_passage",
                     "num_negatives", "encode_batch_size", "patience"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
         for name in ("max_steps", "eval_every", "max_generated_passages", "backbone_layers",
-                     "teacher_max_length"):
+                     "teacher_max_length", "teacher_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{_flag(name)} must be a positive integer or unset, "

@@ -28,9 +28,31 @@ def make_accelerator(config: DistillConfig) -> Any:
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = config.device is not None and str(config.device).startswith("cpu")
+    reset_accelerate_state_for(cpu)
     # a batch of only asymmetric examples leaves the symmetric IEM branch without gradient
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     return Accelerator(cpu=cpu, kwargs_handlers=handlers)
+
+
+def reset_accelerate_state_for(cpu: bool) -> bool:
+    """Forget Accelerate's process-wide state when this run wants another device than the
+    last one in this process (a notebook or a test session that trains on CUDA, then on the
+    CPU): Accelerate refuses the change ("AcceleratorState has already been initialized"), or,
+    from the CPU to CUDA, silently keeps the CPU. Launched multi-process runs are left alone.
+    Returns whether the state was reset."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if not PartialState._shared_state:
+        return False
+    state = PartialState()
+    if state.num_processes > 1:
+        return False
+    wanted = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
+    if state.device.type == wanted:
+        return False
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return True
 
 
 def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:

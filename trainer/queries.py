@@ -185,6 +185,11 @@ def dev_ids(ids: Collection[str], dev_fraction: float, seed: int) -> set[str]:
     return set(ordered[:size])
 
 
+#: Prompts per generation batch when neither the caller nor the teacher sets one (the teacher's
+#: scoring batch is automatic): generated text depends on the batch it was padded in, and a
+#: full-suite run failed when generation followed the automatic scoring batch size.
+GENERATION_BATCH_SIZE = 8
+
 # ---------------------------------------------------------------------------- generated queries
 def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: int = 1,
                      cache_dir: Path | None = None, max_passages: int | None = None,
@@ -214,7 +219,7 @@ def generate_queries(passages: list[Passage], teacher: Teacher, *, per_passage: 
         cache_file = Path(cache_dir) / "generated-queries" / f"{key[:24]}.jsonl"
         done = _read_generated(cache_file)
     todo = [p for p in chosen if done.get(p.id, {}).get("passage_sha256") != _sha(p.text)]
-    size = batch_size or teacher.batch_size
+    size = batch_size or getattr(teacher, "batch_size", None) or GENERATION_BATCH_SIZE
     batches = range(0, len(todo), size)
     if show_progress and todo:
         from tqdm.auto import tqdm

@@ -37,11 +37,17 @@ import torch
 from llama_index_d2llm.student.backbone import (
     DEFAULT_BACKBONE_NAME,
     is_default_llm,
+    load_pretrained,
     load_tokenizer,
     refuse_remote_code,
     resolve_backbone,
     resolve_device,
     resolve_dtype,
+)
+from llama_index_d2llm.student.batching import (
+    activation_bytes_per_token,
+    auto_batch_size,
+    length_batches,
 )
 from llama_index_d2llm.student.tasks import TASKS
 from llama_index_d2llm.trainer.cache import RowChunks, TensorRowCache, cached_rows, content_key
@@ -58,6 +64,13 @@ from llama_index_d2llm.trainer.teacher_config import (  # re-exported: users imp
     TeacherConfig,
     TeacherError,
 )
+from llama_index_d2llm.trainer.teacher_head import LMHead
+from llama_index_d2llm.trainer.teacher_tokens import (
+    EncodedPair,
+    encode_pair,
+    pad_batch,
+    query_spans,
+)
 
 __all__ = ["DEFAULT_QL_CENTER", "DEFAULT_QL_SCALE", "MODES", "TASKS", "Teacher",
            "TeacherConfig", "TeacherError", "TeacherScores"]
@@ -67,10 +80,8 @@ logger = logging.getLogger(__name__)
 SCORING_VERSION = "teacher-v1"
 _YES_NO_CANDIDATES = ((" yes", " no"), ("yes", "no"), (" Yes", " No"), ("Yes", "No"))
 _CHAT_YES_NO_CANDIDATES = (("Yes", "No"), ("yes", "no"), (" Yes", " No"), (" yes", " no"))
-_VOCAB_CHUNK_ELEMENTS = 1 << 25  # positions x vocabulary per log-softmax chunk (128 MiB fp32)
-#: Vocabulary rows per slice of the log-softmax normaliser on a CPU: a slice of logits that
-#: stays in cache, combined by logaddexp, instead of all 262k of a position at once.
-_CPU_VOCAB_SLICE = 4096
+#: Pairs per teacher batch on the CPU when the batch size is automatic.
+CPU_BATCH_SIZE = 8
 
 
 @dataclass
@@ -83,14 +94,6 @@ class TeacherScores:
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
-
-
-@dataclass
-class _Encoded:
-    ids: list[int]
-    query_start: int  # first query token (query likelihood scores [query_start, query_end))
-    query_end: int
-    truncated: bool
 
 
 class Teacher:
@@ -124,8 +127,8 @@ class Teacher:
         self.body = model.get_decoder()
         head = model.get_output_embeddings()
         self._head_weight: torch.Tensor = head.weight
-        self._head_bias: torch.Tensor | None = getattr(head, "bias", None)
-        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.head = LMHead(head.weight, getattr(head, "bias", None),
+                           getattr(model.config, "final_logit_softcapping", None))
         probe = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
         self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
@@ -160,8 +163,8 @@ class Teacher:
         try:
             path = resolve_backbone(name_or_path)
             tokenizer = load_tokenizer(path, trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                         trust_remote_code=trust_remote_code)
+            model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype,
+                                    trust_remote_code=trust_remote_code)
         except ValueError as exc:
             refuse_remote_code(path, exc)
             raise
@@ -251,42 +254,10 @@ class Teacher:
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def _encode(self, template: PairTemplate, query: str, passage: str) -> _Encoded:
+    def _encode(self, template: PairTemplate, query: str, passage: str) -> EncodedPair:
         """Token ids of one prompt. Too long: the passage is cut, never the instruction."""
-        parts = template.parts()
-        pieces: list[list[int]] = []
-        for part in parts:
-            if part.kind == "text":
-                pieces.append(self._encode_text(part.text))
-            else:
-                content = query if part.kind == "query" else passage
-                pieces.append(self._encode_text(part.text + content))
-        kinds = [part.kind for part in parts]
-        excess = len(self._bos) + sum(map(len, pieces)) - self.max_length
-        truncated = excess > 0
-        if excess > 0:
-            index = kinds.index("passage")
-            cut = min(excess, len(pieces[index]))
-            pieces[index] = pieces[index][:len(pieces[index]) - cut]
-            excess -= cut
-        if excess > 0:  # a query longer than the whole budget: keep its beginning
-            index = kinds.index("query")
-            keep = len(pieces[index]) - excess
-            if keep < 1:
-                fixed = len(self._bos) + sum(len(piece) for kind, piece
-                                             in zip(kinds, pieces, strict=True) if kind == "text")
-                raise TeacherError(
-                    f"max_length={self.max_length} cannot hold the teacher's prompt ({fixed} "
-                    "tokens without query and passage): raise max_length"
-                )
-            pieces[index] = pieces[index][:keep]
-        ids = list(self._bos)
-        start = end = 0
-        for kind, piece in zip(kinds, pieces, strict=True):
-            if kind == "query":
-                start, end = len(ids), len(ids) + len(piece)
-            ids.extend(piece)
-        return _Encoded(ids, start, end, truncated)
+        return encode_pair(template, query, passage, encode_text=self._encode_text,
+                           bos=self._bos, max_length=self.max_length)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in a prompt (no special tokens)."""
@@ -360,13 +331,15 @@ class Teacher:
             logger.warning("%d of %d teacher prompts exceed max_length=%d: their passages were "
                            "shortened (the instruction and query are kept)", truncated,
                            len(positions), self.max_length)
-        order = sorted(positions, key=lambda i: -len(encoded[i].ids))
-        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        lengths = [len(encoded[i].ids) for i in positions]
+        batches = [[positions[j] for j in batch]
+                   for batch in length_batches(lengths, self._batch_size_for)]
         progress = None
         if show_progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=len(order), desc=f"teacher scoring ({self.mode})", unit="pair")
+            progress = tqdm(total=len(positions), desc=f"teacher scoring ({self.mode})",
+                            unit="pair")
         done_keys: list[str] = []
         done_logits: list[torch.Tensor] = []
         done_features: list[torch.Tensor] = []
@@ -390,88 +363,36 @@ class Teacher:
             if progress is not None:
                 progress.close()
 
+    def _batch_size_for(self, width: int) -> int:
+        """Pairs per batch of prompts ``width`` tokens long: the set batch size, else from the
+        device's free memory (``student/batching.py``; CPU_BATCH_SIZE on the CPU)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        config = self.model.config
+        per_token = activation_bytes_per_token(
+            self.hidden_size, getattr(config, "intermediate_size", None), self.dtype.itemsize)
+        return auto_batch_size(self.device, width, bytes_per_token=per_token,
+                               cpu_size=CPU_BATCH_SIZE)
+
     @torch.inference_mode()
-    def _forward(self, batch: list[_Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B,), features (B, hidden)) for one batch, on the CPU in float32."""
-        lengths = [len(item.ids) for item in batch]
-        width = max(lengths)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):  # right padding: real tokens keep their positions
-            input_ids[row, :len(item.ids)] = torch.tensor(item.ids)
-            mask[row, :len(item.ids)] = 1
-        hidden = self.body(input_ids=input_ids.to(self.device),
-                           attention_mask=mask.to(self.device)).last_hidden_state
+        input_ids, mask, lengths = pad_batch(batch, pad, self.device)
+        hidden = self.body(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.mode == "yesno":
-            last = hidden[torch.arange(len(batch)), torch.tensor(lengths) - 1]
-            rows = torch.tensor([self.yes_id, self.no_id], device=self.device)
-            pair = self._head_logits(last, rows)
-            return (pair[:, 0] - pair[:, 1]).float().cpu(), last.float().cpu()
-        return self._query_likelihood(hidden, batch)
+            return self.head.yesno(hidden, lengths, self.yes_id, self.no_id)
+        starts, ends = query_spans(batch, self.device)
+        return self.head.query_likelihood(hidden, input_ids, starts, ends)
 
     def _head_logits(self, states: torch.Tensor, rows: torch.Tensor | slice | None = None
                      ) -> torch.Tensor:
         """LM-head logits of ``states`` for the vocabulary ``rows`` only (all when None)."""
-        weight = self._head_weight if rows is None else self._head_weight[rows]
-        logits = states @ weight.T
-        if self._head_bias is not None:
-            logits = logits + (self._head_bias if rows is None else self._head_bias[rows])
-        logits = logits.float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
-
-    def _query_likelihood(self, hidden: torch.Tensor, batch: list[_Encoded]
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, positions, targets, owners = [], [], [], []
-        features = torch.empty(len(batch), hidden.shape[-1])
-        for row, item in enumerate(batch):
-            if item.query_start < 1 or item.query_end <= item.query_start:
-                raise TeacherError("query likelihood needs query tokens after a prompt: check "
-                                   "the template and that the query is not empty")
-            span = range(item.query_start, item.query_end)
-            rows.extend([row] * len(span))
-            positions.extend(p - 1 for p in span)  # the state at p-1 predicts token p
-            targets.extend(item.ids[p] for p in span)
-            owners.extend([row] * len(span))
-            features[row] = hidden[row, item.query_start:item.query_end].float().mean(0).cpu()
-        states = hidden[torch.tensor(rows), torch.tensor(positions)]
-        target_ids = torch.tensor(targets, device=self.device)
-        # logit of the right token, computed from its own row of the head: (M,)
-        target_logits = (states * self._head_weight[target_ids]).sum(-1)
-        if self._head_bias is not None:
-            target_logits = target_logits + self._head_bias[target_ids]
-        target_logits = target_logits.float()
-        if self._softcap:
-            target_logits = torch.tanh(target_logits / self._softcap) * self._softcap
-        token_logprobs = (target_logits - self._log_normaliser(states)).cpu()
-        owner = torch.tensor(owners)
-        totals = torch.zeros(len(batch)).index_add_(0, owner, token_logprobs)
-        counts = torch.bincount(owner, minlength=len(batch)).float()
-        return totals / counts, features
+        return self.head.logits(states, rows)
 
     def _log_normaliser(self, states: torch.Tensor) -> torch.Tensor:
-        """The log-softmax normaliser (logsumexp of the head's logits over the vocabulary) at
-        each of ``states``: a third of the query likelihood's time with a 262k vocabulary.
-
-        Positions go in chunks that bound the memory. On a CPU each chunk's vocabulary goes in
-        slices whose logits stay in cache, combined by logaddexp (the same value): writing and
-        re-reading all 262k float logits of a position cost more than computing them.
-        """
-        vocab = self._head_weight.shape[0]
-        rows = _CPU_VOCAB_SLICE if self.device.type == "cpu" else vocab
-        chunk = max(1, _VOCAB_CHUNK_ELEMENTS // min(rows, vocab))
-        normalisers = []
-        for start in range(0, states.shape[0], chunk):
-            part = states[start:start + chunk]
-            total = None
-            for first in range(0, vocab, rows):
-                slice_lse = torch.logsumexp(
-                    self._head_logits(part, slice(first, first + rows)), dim=-1)
-                total = slice_lse if total is None else torch.logaddexp(total, slice_lse)
-            normalisers.append(total)
-        return torch.cat(normalisers)
+        """The log-softmax normaliser at each of ``states`` (``LMHead.log_normaliser``)."""
+        return self.head.log_normaliser(states)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, *,

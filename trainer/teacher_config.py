@@ -38,12 +38,14 @@ class TeacherConfig:
     prompts. ``yes_token``/``no_token``: the answers yes/no scoring reads (both or neither;
     default: the first single-token pair that fits the tokenizer). ``ql_center``/``ql_scale``:
     the map from query likelihood to a probability. ``use_chat_template`` (None: for yes/no
-    with a chat model) wraps the prompt in the tokenizer's chat template.
+    with a chat model) wraps the prompt in the tokenizer's chat template. ``batch_size``:
+    pairs per forward pass; None (the default) sizes each batch from the free GPU memory and
+    the prompts' length.
     """
 
     mode: str = "auto"
     max_length: int = 512
-    batch_size: int = 8
+    batch_size: int | None = None  # None: from the device's free memory (8 on a CPU)
     prompt_order: str = DEFAULT_PROMPT_ORDER
     use_chat_template: bool | None = None
     templates: dict[str, str] | None = None
@@ -56,7 +58,7 @@ class TeacherConfig:
         if self.mode not in ("auto", *MODES):
             raise TeacherError(f"mode must be 'auto', 'yesno' or 'query-likelihood', got "
                                f"{self.mode!r}")
-        if self.max_length < 16 or self.batch_size < 1:
+        if self.max_length < 16 or (self.batch_size is not None and self.batch_size < 1):
             raise TeacherError(f"max_length={self.max_length} and batch_size={self.batch_size} "
                                "are too small: use e.g. max_length=512, batch_size=8")
         if self.ql_scale <= 0:

@@ -26,10 +26,12 @@ import platform
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import clock  # noqa: E402
 
 
 def load_pairs(data: Path, count: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -61,21 +63,28 @@ def load_pairs(data: Path, count: int, seed: int = 0) -> tuple[list[str], list[s
 
 
 def padded_batches(teacher, queries, passages):
-    """The teacher's own batches: the encoded prompts sorted by length, right-padded."""
+    """The teacher's own batches: the encoded prompts in length buckets, sized as the teacher
+    sizes them (its batch size, or from the free memory), right-padded on its device (on
+    CUDA they stayed on the host: a device mismatch)."""
+    from llama_index_d2llm.student.batching import length_batches
+    from llama_index_d2llm.trainer.teacher_tokens import pad_batch
+
     template = teacher.templates["asymmetric"]
     encoded = [teacher._encode(template, q, p) for q, p in zip(queries, passages, strict=True)]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
+    pad = teacher.tokenizer.pad_token_id or 0
     batches = []
-    for start in range(0, len(order), teacher.batch_size):
-        items = [encoded[i] for i in order[start:start + teacher.batch_size]]
-        width = max(len(item.ids) for item in items)
-        ids = torch.full((len(items), width), teacher.tokenizer.pad_token_id or 0)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            ids[row, :len(item.ids)] = torch.tensor(item.ids)
-            mask[row, :len(item.ids)] = 1
+    for index in length_batches([len(e.ids) for e in encoded], teacher._batch_size_for):
+        items = [encoded[i] for i in index]
+        ids, mask, _ = pad_batch(items, pad, teacher.device)
         batches.append((items, ids, mask))
     return encoded, batches
+
+
+def non_embedding_params(model) -> int:
+    """Weights a token passes through in the body (not the embedding table, nor the tied LM
+    head that scoring reads only a few rows of)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not embedding)
 
 
 def interleaved(variants: dict, repeats: int) -> dict[str, float]:
@@ -83,9 +92,9 @@ def interleaved(variants: dict, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -119,9 +128,11 @@ def measure(model, tokenizer, args, max_length: int, queries, passages) -> dict:
                            .last_hidden_state))
 
     def head():
+        from llama_index_d2llm.trainer.teacher_tokens import query_spans
+
         with torch.inference_mode():
-            for items, hidden in states:
-                teacher._query_likelihood(hidden, items)
+            for (items, ids, _), (_, hidden) in zip(batches, states, strict=True):
+                teacher.head.query_likelihood(hidden, ids, *query_spans(items, teacher.device))
 
     def encode():
         [teacher._encode(template, q, p) for q, p in zip(queries, passages, strict=True)]
@@ -131,7 +142,8 @@ def measure(model, tokenizer, args, max_length: int, queries, passages) -> dict:
 
     # warm-up on one batch: allocator, thread pool and kernels, without a whole extra pass
     body(batches[:1])
-    teacher.score(queries[:args.batch_size], passages[:args.batch_size])
+    first = len(batches[0][0])
+    teacher.score(queries[:first], passages[:first])
     variants = {"score": score, "body": body, "causal_lm": causal_lm, "head": head,
                 "encode": encode}
     main = interleaved({k: v for k, v in variants.items() if k not in args.skip}, args.repeats)
@@ -173,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher", default=None, help="default: the offline Gemma 3 270M")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--max-lengths", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--batch-size", type=int, default=8, help="the teacher's default")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="pairs per batch; default: the teacher's (from the free memory on "
+                        "CUDA, 8 on a CPU)")
     parser.add_argument("--shape-batch-sizes", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16"],
                         help="other dtypes for the body forward (max length of the first run)")
@@ -193,10 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = bb.resolve_dtype(args.dtype, device)
     path = bb.resolve_backbone(args.teacher)
     tokenizer = bb.load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = bb.load_pretrained(AutoModelForCausalLM, path, dtype=dtype).to(device).eval()
     queries, passages = load_pairs(args.data, args.pairs)
     runs = [measure(model, tokenizer, args, length, queries, passages)
             for length in args.max_lengths]
+    params = non_embedding_params(model)
+    for run in runs:  # 2 FLOPs per weight per token (attention's own FLOPs left out: a floor)
+        run["tflop_per_s"] = {k: round(2 * params * v / 1e12, 3)
+                              for k, v in run["tokens_per_s"].items()}
     dtypes = {}
     for name in args.dtypes:
         other = bb.resolve_dtype(name, device)
@@ -224,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(), "cpu_has_fast_bf16": bb.cpu_has_fast_bf16(),
         "platform": platform.platform(), "python": sys.version.split()[0],
         "torch": torch.__version__, "batch_size": args.batch_size, "repeats": args.repeats,
-        "runs": runs, "body_other_dtypes": dtypes,
+        "non_embedding_params": params, "runs": runs, "body_other_dtypes": dtypes,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -258,12 +258,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+#: The attention kernel backbones load with: PyTorch's scaled_dot_product_attention (flash or
+#: memory-efficient kernels on a GPU, no (batch, heads, length, length) score tensor).
+ATTENTION = "sdpa"
+
+
+def load_pretrained(model_class: Any, path: str, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained`` with SDPA attention pinned (issue 25), so that a
+    transformers default or a model's config does not fall back to eager attention; a model
+    whose code has no SDPA path loads with its own."""
+    try:
+        return model_class.from_pretrained(path, attn_implementation=ATTENTION, **kwargs)
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
+            raise
+        logger.info("%s has no SDPA attention (%s): loading its default", path, exc)
+        return model_class.from_pretrained(path, **kwargs)
+
+
 def load_body(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
     """The transformer body (no LM head): the student only needs the last hidden states."""
     from transformers import AutoModel
 
     try:
-        return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_pretrained(AutoModel, path, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         refuse_remote_code(path, exc)
         raise

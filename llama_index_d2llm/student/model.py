@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,12 @@ from llama_index_d2llm.student.backbone import (
     resolve_backbone,
     resolve_device,
     resolve_dtype,
+)
+from llama_index_d2llm.student.batching import (
+    activation_bytes_per_token,
+    auto_batch_size,
+    in_input_order,
+    length_batches,
 )
 from llama_index_d2llm.student.body import (
     check_max_lengths,
@@ -273,30 +279,40 @@ class D2LLMStudent(nn.Module):
         return self.pool(self.token_states(batch["input_ids"], batch["attention_mask"]),
                          batch["attention_mask"])
 
-    def encode(self, texts: Sequence[str], kind: TextKind = "passage", batch_size: int = 16,
-               show_progress: bool = False) -> torch.Tensor:
+    def encode(self, texts: Sequence[str], kind: TextKind = "passage",
+               batch_size: int | None = None, show_progress: bool = False) -> torch.Tensor:
         """One float32 vector per text, in input order, shape ``(len(texts), dimension)``.
 
-        Texts are sorted by length internally so that each batch pads little.
+        Texts are sorted by length internally so that each batch pads little. ``batch_size``
+        None: 16 on the CPU, from the free memory on CUDA (``batching.py``). The vectors stay
+        on the device until the last batch, then come to the host in one copy.
         """
         texts = list(texts)
         if not texts:
             return torch.empty(0, self.dimension)
         check_texts(texts)  # here too: an error names the text by its place in the input
         lengths = [len(t) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        output = torch.empty(len(texts), self.dimension)
-        batches = range(0, len(texts), batch_size)
+        batches = length_batches(lengths, batch_size or self._auto_batch_size(kind))
+        steps = batches
         if show_progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc=f"encoding {kind}s", unit="batch")
+            steps = tqdm(batches, desc=f"encoding {kind}s", unit="batch")
         with eval_mode(self), torch.inference_mode():
-            for start in batches:
-                index = order[start:start + batch_size]
-                batch = self.tokenize([texts[i] for i in index], kind)
-                output[index] = self.embed(batch).float().cpu()
-        return output
+            results = [self.embed(self.tokenize([texts[i] for i in index], kind)).float()
+                       for index in steps]
+        return in_input_order(batches, results).cpu()
+
+    def _auto_batch_size(self, kind: TextKind) -> Callable[[int], int]:
+        """Texts per batch from the longest text's characters (a bound on its tokens, which
+        the max length caps): 16 on the CPU."""
+        limit = self.max_length(kind) + 8  # the instruction and special tokens
+        config = getattr(self.body, "config", None)
+        per_token = activation_bytes_per_token(
+            self.config.hidden_size, getattr(config, "intermediate_size", None),
+            self.backbone_dtype.itemsize)
+        return lambda chars: auto_batch_size(self.device, min(chars + 8, limit),
+                                             bytes_per_token=per_token, cpu_size=16)
 
     # ------------------------------------------------------------------ scoring
     def score(self, query_vectors: VectorsLike, passage_vectors: VectorsLike,
