@@ -1,6 +1,6 @@
 """Where the teacher's time goes: ``Teacher.score`` against a raw forward of the same model.
 
-    python benchmarks/probes/bench_teacher.py --data ../shared/data/scifact --pairs 64
+    python benchmarks/bench_teacher.py --data ../shared/data/scifact --pairs 64
 
 On ``--pairs`` real (claim, passage) pairs of a BEIR data set (half judged positives, half
 random passages), for each ``--max-lengths`` value, all on the same batches (the teacher's
