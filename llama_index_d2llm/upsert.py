@@ -25,12 +25,14 @@ _FILE_KEYS = ("file_path", "file_name")
 
 
 def source_of(node: BaseNode) -> str:
-    """Where a node comes from: its file when a reader recorded one, else its document."""
+    """Where a node comes from: its file when a reader recorded one, else its document
+    (nothing for a node without one, e.g. a ``Document`` written as it is: its text alone
+    then names it, so that writing it again overwrites it)."""
     for key in _FILE_KEYS:
         value = node.metadata.get(key)
         if isinstance(value, str) and value:
             return f"file:{value}"
-    return f"doc:{node.ref_doc_id or node.node_id}"
+    return f"doc:{node.ref_doc_id}" if node.ref_doc_id else "text:"
 
 
 def assign_stable_ids(nodes: Sequence[BaseNode]) -> None:
