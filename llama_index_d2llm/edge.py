@@ -173,7 +173,7 @@ class EdgeClient:
         config = edge.EdgeConfig(
             vectors={n: edge.EdgeVectorParams(size=v["size"],
                                               distance=convert.DISTANCES[v["distance"].title()])
-                     for n, v in dense_meta.items()},
+                     for n, v in dense_meta.items()} or None,
             sparse_vectors={n: edge.EdgeSparseVectorParams(
                 modifier=edge.Modifier.Idf if (v["modifier"] or "").lower() == "idf" else None)
                 for n, v in sparse_meta.items()} or None)

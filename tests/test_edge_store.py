@@ -135,3 +135,24 @@ def test_path_and_client_together_are_refused(embed, tmp_path):
         D2LLMVectorStore("docs", embed, path=tmp_path, client=QdrantClient(":memory:"))
     with pytest.raises(ValueError, match="path='folder'"):
         D2LLMVectorStore("docs", embed)
+
+
+def test_eval_on_a_held_folder_says_which_process_holds_it(tiny_student_dir, tmp_path, capsys):
+    """Issue 22 item 5: one line naming the holder, no chained tracebacks."""
+    from llama_index_d2llm.trainer import cli
+    from tests.distill_fixtures import write_beir
+
+    beir = write_beir(tmp_path / "beir")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "q")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = cli.main(["eval", tiny_student_dir, "--data", str(beir), "--split", "train",
+                         "--first-stage", "qdrant", "--qdrant-path", str(tmp_path / "q"),
+                         "--dtype", "float32", "--no-progress"])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"is in use by process {holder.pid} " in err and "Traceback" not in err
