@@ -84,7 +84,11 @@ class EdgeClient:
             _open[key] = client
         from llama_index_d2llm.edge_migrate import migrate_local_mode
 
-        migrate_local_mode(client)
+        try:
+            migrate_local_mode(client)
+        except BaseException:
+            client.close()  # frees the folder; an unfinished copy is done again next time
+            raise
         return client
 
     @property
