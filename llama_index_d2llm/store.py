@@ -82,16 +82,17 @@ class D2LLMVectorStore(QdrantVectorStore):
         if not hasattr(student, "fingerprint"):
             raise TypeError("D2LLMVectorStore needs embed_model=D2LLMEmbedding(...) (or its "
                             f"D2LLMStudent), got {type(embed_model).__name__}")
+        from llama_index_d2llm.edge import AsyncEdgeClient, EdgeClient
+
         edge = None
         if path is not None:
             if client is not None or aclient is not None:
                 raise ValueError("D2LLMVectorStore takes path= (the embedded store) or client= "
                                  "(a Qdrant server), not both")
-            from llama_index_d2llm.edge import AsyncEdgeClient, EdgeClient
-
             edge = client = EdgeClient.open(path)
-            aclient = AsyncEdgeClient(edge)
-        elif client is None and aclient is None:
+        if isinstance(client, EdgeClient) and aclient is None:
+            aclient = AsyncEdgeClient(client)
+        if client is None and aclient is None:
             raise ValueError("D2LLMVectorStore needs path='folder' (the embedded store) or "
                              "client=QdrantClient(url=...) (a server)")
         encoder = (bm25 or BM25Encoder()) if hybrid is not False else None
@@ -141,11 +142,15 @@ class D2LLMVectorStore(QdrantVectorStore):
         self.close()
 
     def optimize(self) -> bool:
-        """Build the embedded collection's HNSW index now (else the first searches after a
-        large ingestion scan it in full); a no-op on a server, which indexes by itself."""
-        if self._edge is None or not self._edge.collection_exists(self.collection_name):
+        """Build the embedded collection's HNSW index now (else searches after a large
+        ingestion scan it in full); a no-op on a server, which indexes by itself."""
+        from llama_index_d2llm.edge import EdgeClient
+
+        client = self.client
+        if not isinstance(client, EdgeClient) or not client.collection_exists(
+                self.collection_name):
             return False
-        return self._edge.optimize(self.collection_name)
+        return client.optimize(self.collection_name)
 
     @property
     def bm25(self) -> BM25Encoder | None:
