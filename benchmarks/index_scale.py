@@ -229,10 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
             out = subprocess.run([*child, "--one-size", str(size), "--one-engine", engine],
                                  check=True, capture_output=True, text=True)
             report["sizes"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(report["sizes"][-1]), flush=True)
-        if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps(report["sizes"][-1]), flush=True)
+            if args.output:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                args.output.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -4,7 +4,7 @@ Why: LlamaIndex gives every node a random id, and ``SimpleDirectoryReader`` ever
 one, so the README's snippet run three times stored 21 points for 7 documents and returned
 three copies of one passage. A ``D2LLMVectorStore`` therefore writes each node under an id
 derived from where it comes from (its file, else its document id) and its text, so writing it
-again overwrites it; and before writing a file's nodes it deletes that file's points from an
+again overwrites it (a node without a document keeps the id it was given); and before writing a file's nodes it deletes that file's points from an
 earlier ingestion (another document id), so an edited file leaves no stale passages. Nodes of
 the same ingestion keep each other (they share the document id), also across batches.
 """
@@ -25,21 +25,24 @@ _FILE_KEYS = ("file_path", "file_name")
 
 
 def source_of(node: BaseNode) -> str:
-    """Where a node comes from: its file when a reader recorded one, else its document
-    (nothing for a node without one, e.g. a ``Document`` written as it is: its text alone
-    then names it, so that writing it again overwrites it)."""
+    """Where a node comes from: its file when a reader recorded one, else its document, else
+    itself (a node written without a document keeps the id it was given)."""
     for key in _FILE_KEYS:
         value = node.metadata.get(key)
         if isinstance(value, str) and value:
             return f"file:{value}"
-    return f"doc:{node.ref_doc_id}" if node.ref_doc_id else "text:"
+    return f"doc:{node.ref_doc_id}" if node.ref_doc_id else f"node:{node.node_id}"
 
 
 def assign_stable_ids(nodes: Sequence[BaseNode]) -> None:
-    """Give ``nodes`` ids from (source, text, occurrence), and point their links to them."""
+    """Give the nodes of a document ids from (source, text, occurrence), and point their
+    links to them. A node without a document (written as the user built it, with the id the
+    user gave it) keeps its id."""
     seen: Counter[tuple[str, str]] = Counter()
     renamed: dict[str, str] = {}
     for node in nodes:
+        if not node.ref_doc_id:
+            continue
         text = node.get_content(metadata_mode=MetadataMode.NONE)
         key = (source_of(node), text)
         seen[key] += 1
