@@ -70,8 +70,10 @@ def test_async_ingestion_and_retrieval_equal_sync(embed, tmp_path):
         index = await asyncio.to_thread(
             VectorStoreIndex, [], storage_context=StorageContext.from_defaults(
                 vector_store=store), embed_model=embed, use_async=True)
-        for doc in docs:
-            await index.ainsert(doc)
+        for _ in range(2):  # inserted again: overwritten, not duplicated
+            for doc in docs:
+                await index.ainsert(doc)
+        assert store.client.count("docs").count == len(TEXTS)
         retriever = D2LLMRetriever(index=index, similarity_top_k=8, top_n=8)
         found = await retriever.aretrieve(QUERY)
         store.close()
@@ -156,3 +158,28 @@ def test_eval_on_a_held_folder_says_which_process_holds_it(tiny_student_dir, tmp
     err = capsys.readouterr().err
     assert code == 2
     assert f"is in use by process {holder.pid} " in err and "Traceback" not in err
+
+
+WRITE_AND_DIE = textwrap.dedent("""
+    import os, sys
+    from qdrant_client import models
+    from llama_index_d2llm.edge import EdgeClient
+    client = EdgeClient.open(sys.argv[1])
+    client.create_collection("c", vectors_config={"d": models.VectorParams(
+        size=2, distance=models.Distance.DOT)})
+    client.upsert("c", [models.PointStruct(id=i, vector={"d": [1.0, float(i)]},
+                                           payload={"doc_id": str(i)}) for i in range(300)])
+    print("acknowledged", flush=True)
+    os._exit(1)  # killed: no flush, no close
+""")
+
+
+def test_acknowledged_writes_survive_a_killed_process(tmp_path):
+    from llama_index_d2llm.edge import EdgeClient
+
+    done = subprocess.run([sys.executable, "-c", WRITE_AND_DIE, str(tmp_path / "q")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "acknowledged"
+    with EdgeClient.open(tmp_path / "q") as client:  # replayed from the write-ahead log
+        assert client.count("c").count == 300
+        assert client.retrieve("c", [299], with_vectors=True)[0].vector["d"] == [1.0, 299.0]
