@@ -187,6 +187,17 @@ def stage_times(student_dir: Path) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.first_stage == "qdrant" and args.qdrant_path != ":memory:":
+        from llama_index_d2llm.edge import EdgeClient
+
+        # Taken now, not after the corpus is encoded: a folder in use is said at once, and
+        # the search later shares this hold.
+        with EdgeClient.open(args.qdrant_path):
+            return _evaluate(args)
+    return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from llama_index_d2llm.trainer import evaluation
 
     if args.student is None and args.run is None and not args.bm25:
