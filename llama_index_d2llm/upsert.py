@@ -4,9 +4,10 @@ Why: LlamaIndex gives every node a random id, and ``SimpleDirectoryReader`` ever
 one, so the README's snippet run three times stored 21 points for 7 documents and returned
 three copies of one passage. A ``D2LLMVectorStore`` therefore writes each node under an id
 derived from where it comes from (its file, else its document id) and its text, so writing it
-again overwrites it (a node without a document keeps the id it was given); and before writing a file's nodes it deletes that file's points from an
-earlier ingestion (another document id), so an edited file leaves no stale passages. Nodes of
-the same ingestion keep each other (they share the document id), also across batches.
+again overwrites it (a node without a document keeps the id it was given); and before
+writing a file's nodes it deletes that file's points from an earlier ingestion (another
+document id), so an edited file leaves no stale passages. Nodes of the same ingestion keep
+each other (they share the document id), also across batches.
 """
 
 from __future__ import annotations
