@@ -99,9 +99,9 @@ def bench_query(student, passages: list[str], queries: list[str], top_k: int,
                 teacher_repeats: int) -> dict:
     from llama_index.core.schema import TextNode
     from llama_index.vector_stores.qdrant import QdrantVectorStore
-    from qdrant_client import QdrantClient
 
     from llama_index_d2llm import D2LLMEmbedding, D2LLMRetriever
+    from llama_index_d2llm.edge import EdgeClient
     from llama_index_d2llm.qdrant import record_student
 
     embed = D2LLMEmbedding.from_student(student)
@@ -115,7 +115,7 @@ def bench_query(student, passages: list[str], queries: list[str], top_k: int,
     nodes = [TextNode(text=t, embedding=v.tolist())
              for t, v in zip(texts, all_vectors, strict=True)]
     with tempfile.TemporaryDirectory() as qdrant_path:
-        client = QdrantClient(path=qdrant_path)
+        client = EdgeClient.open(qdrant_path)  # the embedded store
         store = QdrantVectorStore(client=client, collection_name="bench")
         store.add(nodes)
         record_student(store, student)  # the filler vectors would fail the sampling check

@@ -1,4 +1,5 @@
-"""Query latency of ``D2LLMRetriever``, dense and hybrid, on SciFact in an embedded Qdrant.
+"""Query latency of ``D2LLMRetriever``, dense and hybrid, on SciFact in the embedded store
+(Qdrant Edge, ``D2LLMVectorStore(..., path=...)``).
 
     nice -n 15 python benchmarks/hybrid_latency.py --student STUDENT_DIR \\
         --data ../shared/data/scifact --qdrant-path runs/latency/qdrant
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from qdrant_client import QdrantClient
 
     from llama_index_d2llm import D2LLMEmbedding, D2LLMRetriever, D2LLMVectorStore
     from llama_index_d2llm.trainer.evaluation import load_beir, write_json
@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     embed = D2LLMEmbedding(model_name=str(args.student), device="cpu")
     args.qdrant_path.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    client = QdrantClient(path=str(args.qdrant_path))
+    store = D2LLMVectorStore("scifact", embed, path=args.qdrant_path)
+    client = store.client
     try:
-        store = D2LLMVectorStore("scifact", embed, client=client)
         ingest_s = ingest(store, embed, data)
+        store.optimize()
         queries = [data.queries[q] for q in sorted(data.queries)][:args.queries]
         retrievers = {mode: D2LLMRetriever(vector_store=store, embed_model=embed,
                                            similarity_top_k=100, top_n=10,
@@ -112,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
         result = {"student": embed.student.name, "corpus": len(data.corpus),
                   "queries_timed": len(queries), "torch_threads": torch.get_num_threads(),
-                  "ingest_s": round(ingest_s, 1), "qdrant": "embedded (QdrantClient(path=...))",
+                  "ingest_s": round(ingest_s, 1), "qdrant": "embedded (Qdrant Edge, path=...)",
                   "similarity_top_k": 100, "top_n": 10,
                   "retrieve": {m: summary(v) for m, v in times.items()},
                   "qdrant_call": {m: summary(v) for m, v in qdrant_times.items()}}
     finally:
-        client.close()
+        store.close()
     write_json(args.output, result)
     print(json.dumps(result, indent=2))
     return 0

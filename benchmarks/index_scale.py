@@ -1,6 +1,9 @@
-"""Indexing and querying at corpus scale: encoding throughput, then local Qdrant at 10k-100k.
+"""Indexing and querying at corpus scale: encoding throughput, then the embedded store at
+10k-100k passages, Qdrant Edge against qdrant-client's local mode.
 
     python benchmarks/index_scale.py --output benchmarks/results/index-scale-cpu.json
+    python benchmarks/index_scale.py --skip-encoding --engines edge local --torch-threads 1 \
+        --output benchmarks/results/index-scale-edge-cpu.json
 
 Two parts, because on this CPU the student cannot encode 100,000 passages within a session
 (a few passages/s: hours), while Qdrant's cost does not depend on what the vectors mean:
@@ -9,21 +12,22 @@ Two parts, because on this CPU the student cannot encode 100,000 passages within
    runs it) on ``--encode-sample`` synthetic passages of ``--words`` words, with ``--dtype``.
    The hours to embed each corpus size follow from it (printed as computed, not timed).
 2. **Storage and search**, for each ``--sizes``, in its own process (so the peak memory is that
-   size's): synthetic passages with random unit vectors of the student's dimension go into an
-   embedded Qdrant folder (``QdrantClient(path=...)``, as the quickstart and chatbot keep
-   theirs) through ``D2LLMVectorStore`` (dense + BM25 sparse vectors, as a user's ingestion
-   writes them); then ``D2LLMRetriever.retrieve`` is timed over ``--queries`` queries, dense
-   and hybrid, median of all, with the student encoding each query for real. Written: the
-   wall time of the writes, the process's peak RSS, the folder's size on disk, the latencies.
-
-Local mode keeps every vector in memory and scans them all for each search (dense and sparse);
-where its query latency passes a second is where the README sends a user to a Qdrant server.
+   size's and engine's): synthetic passages with random unit vectors of the student's
+   dimension go into an embedded folder through ``D2LLMVectorStore`` (dense + BM25 sparse
+   vectors, as a user's ingestion writes them): ``path=`` (Qdrant Edge, the default; then its
+   HNSW index is built, timed apart) or ``client=QdrantClient(path=...)`` (local mode, the
+   old default). Then ``D2LLMRetriever.retrieve`` is timed over ``--queries`` queries, dense
+   and hybrid, median and p90, with the student encoding each query for real; the query's
+   encoding alone and the engine's hybrid request alone are timed too, so that
+   ``beyond_encoding_ms`` (retrieve minus encoding) and the engine's share show. Written: the
+   write and index-build wall times, the reopen time, peak RSS, disk size, the latencies.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -82,25 +86,69 @@ def bench_encoding(args: argparse.Namespace) -> dict:
             "hours_to_embed (computed)": {str(n): n / per_s / 3600 for n in args.sizes}}
 
 
-def bench_size(args: argparse.Namespace, size: int) -> dict:
-    """One corpus size, in this process: write, then query."""
+def open_store(engine: str, folder: str, embed):
+    """The store of ``engine`` in ``folder``: Edge (``path=``) or local mode (``client=``)."""
+    from qdrant_client import QdrantClient
+
+    from llama_index_d2llm import D2LLMVectorStore
+
+    if engine == "edge":
+        return D2LLMVectorStore("scale", embed, path=folder)
+    return D2LLMVectorStore("scale", embed, client=QdrantClient(path=folder))
+
+
+def median_p90(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "p90": statistics.quantiles(times, n=10)[-1]}
+
+
+def part_times(embed, store, queries: list[str], top_k: int) -> dict:
+    """ms of the query's encoding alone, of a hybrid ``retrieve`` given the query's vector
+    (everything beyond the encoding) and of the engine's hybrid request alone."""
+    from llama_index.core.schema import QueryBundle
+
+    from llama_index_d2llm import D2LLMRetriever
+    from llama_index_d2llm.collection import describe_collection, sparse_query
+    from llama_index_d2llm.sparse import hybrid_query
+
+    info = describe_collection(store)
+    retriever = D2LLMRetriever(vector_store=store, embed_model=embed, similarity_top_k=top_k,
+                               top_n=10, hybrid=True)
+    encode, beyond, engine = [], [], []
+    for text in queries:
+        start = time.perf_counter()
+        vector = embed.get_query_embedding(text)
+        encode.append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        retriever.retrieve(QueryBundle(text, embedding=vector))
+        beyond.append(1000 * (time.perf_counter() - start))
+        request = hybrid_query(vector, sparse_query(store, text), dense_name=info.vector_name,
+                               sparse_name=info.sparse_name, limit=top_k)
+        start = time.perf_counter()
+        store.client.query_points(store.collection_name, with_payload=True, **request)
+        engine.append(1000 * (time.perf_counter() - start))
+    return {"encode_ms": median_p90(encode), "hybrid_given_vector_ms": median_p90(beyond),
+            "engine_hybrid_ms": median_p90(engine)}
+
+
+def bench_size(args: argparse.Namespace, size: int, engine: str) -> dict:
+    """One corpus size on one engine, in this process: write, index, query, reopen."""
     import torch
     from llama_index.core.schema import TextNode
     from llama_index.vector_stores.qdrant import QdrantVectorStore
-    from qdrant_client import QdrantClient
 
-    from llama_index_d2llm import D2LLMEmbedding, D2LLMVectorStore
+    from llama_index_d2llm import D2LLMEmbedding
     from llama_index_d2llm.provenance import record_student
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     student = load_student(args.student, args.dtype)
     embed = D2LLMEmbedding.from_student(student)
     texts = synthetic_passages(size, args.words, seed=2)
     queries = [" ".join(t.split()[:12]) for t in random.Random(3).sample(texts, args.queries)]
     generator = torch.Generator().manual_seed(4)
-    result: dict = {"size": size}
+    result: dict = {"size": size, "engine": engine}
     with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
-        client = QdrantClient(path=folder)
-        store = D2LLMVectorStore("scale", embed, client=client)
+        store = open_store(engine, folder, embed)
         start = time.perf_counter()
         for first in range(0, size, args.write_batch):
             batch = texts[first: first + args.write_batch]
@@ -112,18 +160,25 @@ def bench_size(args: argparse.Namespace, size: int) -> dict:
             # these are random, so the parent's add writes them (dense + BM25 alike).
             QdrantVectorStore.add(store, nodes)
         result["write_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        store.optimize()  # Edge: the HNSW index (local mode has none)
+        result["index_build_s"] = time.perf_counter() - start
         record_student(store, student)
+        store.client.close()
+        # A reopen: what a chatbot's restart pays to load the embedded folder.
+        start = time.perf_counter()
+        store = open_store(engine, folder, embed)
+        store.client.get_collection("scale")  # Edge loads the shard on first use
+        result["reopen_s"] = time.perf_counter() - start
         result["disk_mb"] = sum(p.stat().st_size for p in Path(folder).rglob("*")
                                 if p.is_file()) / 2**20
         for mode in ("dense", "hybrid"):
             times = retrieve_times(embed, store, queries, mode, args.top_k)
-            result[f"{mode}_retrieve_ms"] = {"median": statistics.median(times),
-                                             "p90": statistics.quantiles(times, n=10)[-1]}
-        client.close()
-        # A reopen: what a chatbot's restart pays to load the embedded folder.
-        start = time.perf_counter()
-        QdrantClient(path=folder).close()
-        result["reopen_s"] = time.perf_counter() - start
+            result[f"{mode}_retrieve_ms"] = median_p90(times)
+        result.update(part_times(embed, store, queries, args.top_k))
+        result["hybrid_beyond_encoding_ms"] = (result["hybrid_retrieve_ms"]["median"]
+                                               - result["encode_ms"]["median"])
+        store.client.close()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -144,14 +199,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--write-batch", type=int, default=1000)
     parser.add_argument("--tmp", default=None, help="folder for the embedded Qdrant folders")
     parser.add_argument("--skip-encoding", action="store_true")
+    parser.add_argument("--engines", nargs="+", choices=["edge", "local"], default=["edge"],
+                        help="edge: Qdrant Edge (path=, the default store); local: "
+                             "qdrant-client's local mode (the old default)")
+    parser.add_argument("--local-max-size", type=int, default=None,
+                        help="run local mode only up to this size (it takes minutes a query "
+                             "at 100,000)")
+    parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--one-size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--one-engine", default="edge", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
     if args.one_size is not None:  # the child process of one size
-        print(json.dumps(bench_size(args, args.one_size)))
+        print(json.dumps(bench_size(args, args.one_size, args.one_engine)))
         return {}
     report: dict = {"command": " ".join(sys.argv), "machine": platform.platform(),
+                    "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
                     "words": args.words, "top_k": args.top_k, "queries": args.queries}
     if not args.skip_encoding:
         report["encoding"] = bench_encoding(args)
@@ -159,13 +223,16 @@ def main(argv: list[str] | None = None) -> dict:
     report["sizes"] = []
     child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
     for size in args.sizes:
-        out = subprocess.run([*child, "--one-size", str(size)], check=True,
-                             capture_output=True, text=True)
-        report["sizes"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(report["sizes"][-1]), flush=True)
-        if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(report, indent=2) + "\n")
+        for engine in args.engines:
+            if engine == "local" and args.local_max_size and size > args.local_max_size:
+                continue
+            out = subprocess.run([*child, "--one-size", str(size), "--one-engine", engine],
+                                 check=True, capture_output=True, text=True)
+            report["sizes"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(report["sizes"][-1]), flush=True)
+            if args.output:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                args.output.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -32,11 +32,12 @@ def _point_id(passage_id: str) -> str:
 
 
 def build_collection(student, embed, passages, cache_dir: Path, location: Path):
-    """A hybrid local Qdrant collection of the corpus, vectors from cached backbone states."""
+    """A hybrid embedded collection (Qdrant Edge) of the corpus, vectors from cached backbone
+    states."""
     import torch
     from llama_index.core.schema import TextNode
-    from qdrant_client import QdrantClient
 
+    from llama_index_d2llm.edge import EdgeClient
     from llama_index_d2llm.store import D2LLMVectorStore
     from llama_index_d2llm.trainer.token_states import TokenStateCache
 
@@ -48,7 +49,7 @@ def build_collection(student, embed, passages, cache_dir: Path, location: Path):
     with torch.inference_mode():
         vectors = torch.cat([cache.vectors(texts[i:i + 256], "passage").float().cpu()
                              for i in range(0, len(texts), 256)])
-    client = QdrantClient(path=str(location))
+    client = EdgeClient.open(location)
     by_id = {p.id: vectors[i] for i, p in enumerate(passages)}
     if client.collection_exists("scifact"):
         client.delete_collection("scifact")

@@ -20,6 +20,7 @@ both run.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,13 +59,35 @@ class CollectionInfo:
     sparse_name: str | None = None  # the store's BM25 sparse vector, when the collection has it
 
 
-@dataclass(frozen=True)
 class StoredHit:
-    """One first-stage hit with the vector Qdrant stored for it."""
+    """One first-stage hit with the vector Qdrant stored for it.
 
-    node: BaseNode
-    similarity: float
-    vector: list[float]
+    Its LlamaIndex node is built from the payload on first access only: a retriever rescores
+    100 candidates and returns 10, and building a node (JSON and pydantic) cost more than the
+    engine's whole search (``benchmarks/index_scale.py``).
+    """
+
+    __slots__ = ("_node", "_point", "_store", "similarity", "vector")
+
+    def __init__(self, store: QdrantVectorStore, point: Any, similarity: float,
+                 vector: Sequence[float]):
+        self._store, self._point, self._node = store, point, None
+        self.similarity = similarity
+        self.vector = vector
+
+    @property
+    def node_id(self) -> str:
+        """The point's id as the node's id (a UUID's canonical text, or an integer's)."""
+        return str(self._point.id)
+
+    @property
+    def node(self) -> BaseNode:
+        if self._node is None:
+            # The store's own parser, so that nodes come back as from its retriever.
+            node = self._store.parse_to_query_result([self._point]).nodes[0]
+            node.embedding = None  # returned like VectorIndexRetriever's nodes
+            self._node = node
+        return self._node
 
 
 # ---------------------------------------------------------------------------- store access
@@ -83,11 +106,17 @@ def require_qdrant(vector_store: Any, feature: str) -> QdrantVectorStore:
     )
 
 
+#: A UUID's canonical text (what ``str(uuid.UUID(...))`` gives): taken as it is, unparsed.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def point_key(point_id: Any) -> str:
     """Canonical text of a point id, so that ids from nodes and from Qdrant compare equal."""
     if isinstance(point_id, int):
         return str(point_id)
     text = str(point_id)
+    if _CANONICAL_UUID.fullmatch(text):
+        return text
     try:
         return str(uuid.UUID(text))
     except ValueError:
@@ -98,6 +127,8 @@ def _to_point_id(node_id: str, collection: str) -> int | str:
     """A node id as Qdrant takes it: an unsigned integer or a UUID."""
     if node_id.isdigit():
         return int(node_id)
+    if _CANONICAL_UUID.fullmatch(node_id):
+        return node_id
     try:
         return str(uuid.UUID(node_id))
     except ValueError:
@@ -257,22 +288,26 @@ def _search_request(store: QdrantVectorStore, query_vector: Sequence[float], top
                                query_filter=query_filter))
 
 
+def _point_vector(point: Any, name: str) -> Sequence[float] | None:
+    """The point's dense vector as the engine returned it (no copy)."""
+    vector = point.vector
+    if isinstance(vector, dict):
+        found = vector.get(name)
+        return vector.get("") if found is None and name else found
+    return vector
+
+
 def _hits(store: QdrantVectorStore, points: Sequence[Any], info: CollectionInfo
           ) -> list[StoredHit]:
-    points = list(points)
-    # The store's own parser, so that nodes come back as from its retriever; it keeps the
-    # points' order, so each node is matched with its point by position.
-    nodes = store.parse_to_query_result(points).nodes or []
     hits = []
-    for point, node in zip(points, nodes, strict=True):
-        vector = dense_vector(point.vector, info.vector_name)
+    for point in points:
+        vector = _point_vector(point, info.vector_name)
         if vector is None:
             raise MissingVectorError(
                 f"Qdrant returned point {point.id!r} of collection {store.collection_name!r} "
                 f"without a dense vector named {info.vector_name!r}"
             )
-        node.embedding = None  # returned like VectorIndexRetriever's nodes; the hit keeps it
-        hits.append(StoredHit(node=node, similarity=float(point.score or 0.0), vector=vector))
+        hits.append(StoredHit(store, point, float(point.score or 0.0), vector))
     return hits
 
 

@@ -69,24 +69,55 @@ def rank_by_iem(embed_model: D2LLMEmbedding, query: Sequence[float],
     (``student/fusion.py``). The first-stage score goes into metadata (hidden from the LLM and
     embed text) when asked.
     """
+    best = rescored_order(embed_model, query, [n.score or 0.0 for n in nodes], vectors, task,
+                          top_n, first_stage, lexical)
+    return [scored_node(nodes[i].node, logit, nodes[i].score if keep_retrieval_score else None)
+            for i, logit in best]
+
+
+def rescored_order(embed_model: D2LLMEmbedding, query: Sequence[float],
+                   first_stage_scores: Sequence[float], vectors: Sequence[Sequence[float]],
+                   task: Task, top_n: int, first_stage: str = "dense",
+                   lexical: Sequence[float] | None = None) -> list[tuple[int, float]]:
+    """``(candidate index, fused score)`` of the best ``top_n``, best first, from the vectors
+    and scores alone: the caller builds nodes for these only."""
+    import numpy as np
+
     # first-stage order from the first-stage scores (a postprocessor may get them shuffled)
-    order = sorted(range(len(nodes)), key=lambda i: -(nodes[i].score or 0.0))
-    nodes = [nodes[i] for i in order]
-    vectors = [vectors[i] for i in order]
+    order = sorted(range(len(first_stage_scores)), key=lambda i: -first_stage_scores[i])
+    passages = np.asarray([vectors[i] for i in order], dtype=np.float32)
     lexical = None if lexical is None else [lexical[i] for i in order]
-    logits = embed_model.student.rescore(query, vectors, first_stage=first_stage, task=task,
+    logits = embed_model.student.rescore(query, passages, first_stage=first_stage, task=task,
                                          lexical_scores=lexical).tolist()
-    rescored = []
-    for hit, logit in zip(nodes, logits, strict=True):
-        if keep_retrieval_score:
-            node = hit.node
-            node.metadata[RETRIEVAL_SCORE_KEY] = hit.score
-            for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
-                if RETRIEVAL_SCORE_KEY not in excluded:
-                    excluded.append(RETRIEVAL_SCORE_KEY)
-        rescored.append(NodeWithScore(node=hit.node, score=float(logit)))
-    rescored.sort(key=lambda n: -(n.score or 0.0))
-    return rescored[:top_n]
+    ranked = sorted(range(len(order)), key=lambda k: -logits[k])[:top_n]
+    return [(order[k], float(logits[k])) for k in ranked]
+
+
+def scored_node(node: Any, score: float, retrieval_score: float | None) -> NodeWithScore:
+    """The node with its fused score; the first-stage score kept in metadata when given
+    (hidden from the LLM and the embed text)."""
+    if retrieval_score is not None:
+        node.metadata[RETRIEVAL_SCORE_KEY] = retrieval_score
+        for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
+            if RETRIEVAL_SCORE_KEY not in excluded:
+                excluded.append(RETRIEVAL_SCORE_KEY)
+    return NodeWithScore(node=node, score=score)
+
+
+def listening(callback_manager: CallbackManager) -> bool:
+    """Whether any instrumentation handler or callback would see the rerank events' nodes
+    (else a retriever builds nodes for the results only)."""
+    if callback_manager.handlers:
+        return True
+    from llama_index_instrumentation.event_handlers import NullEventHandler
+
+    current: Any = dispatcher
+    while True:
+        if any(not isinstance(h, NullEventHandler) for h in current.event_handlers):
+            return True
+        if not current.propagate or current.manager is None:
+            return False
+        current = current.parent
 
 
 def weighs_lexical(embed_model: D2LLMEmbedding, first_stage: str) -> bool:

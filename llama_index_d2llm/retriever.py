@@ -35,10 +35,13 @@ from llama_index_d2llm.provenance import StudentGuard
 from llama_index_d2llm.ranking import (
     Task,
     aquery_vector,
+    listening,
     query_vector,
     rank_by_iem,
     require_d2llm_embedding,
     rerank_events,
+    rescored_order,
+    scored_node,
     weighs_lexical,
 )
 from llama_index_d2llm.student.config import TASKS
@@ -133,9 +136,14 @@ class D2LLMRetriever(BaseRetriever):
 
     def _rank(self, query_bundle: QueryBundle, query: list[float], hits: list[StoredHit],
               first_stage: str, lexical: list[float] | None = None) -> list[NodeWithScore]:
-        candidates = [NodeWithScore(node=h.node, score=h.similarity) for h in hits]
-        if not candidates:
+        if not hits:
             return []
+        if not listening(self.callback_manager):  # nobody sees the candidates: nodes of the
+            best = rescored_order(self._embed_model, query,  # results only
+                                  [h.similarity for h in hits], [h.vector for h in hits],
+                                  self.task, self.top_n, first_stage, lexical)
+            return [scored_node(hits[i].node, logit, hits[i].similarity) for i, logit in best]
+        candidates = [NodeWithScore(node=h.node, score=h.similarity) for h in hits]
         with rerank_events(self.callback_manager, query_bundle, candidates, self.top_n,
                            self._embed_model.model_name) as finish:
             ranked = rank_by_iem(self._embed_model, query, candidates,
@@ -163,7 +171,7 @@ class D2LLMRetriever(BaseRetriever):
         lexical = None
         if self._needs_bm25(search, hits):
             lexical = lexical_scores(self._vector_store, search["sparse_query"],
-                                     [h.node.node_id for h in hits], info)
+                                     [h.node_id for h in hits], info)
         return self._rank(query_bundle, query, hits, self.first_stage(info), lexical)
 
     @dispatcher.span
@@ -178,6 +186,6 @@ class D2LLMRetriever(BaseRetriever):
         lexical = None
         if self._needs_bm25(search, hits):
             lexical = await alexical_scores(self._vector_store, search["sparse_query"],
-                                            [h.node.node_id for h in hits], info)
+                                            [h.node_id for h in hits], info)
         return await asyncio.to_thread(self._rank, query_bundle, query, hits,
                                        self.first_stage(info), lexical)

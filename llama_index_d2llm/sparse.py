@@ -96,15 +96,16 @@ def sparse_vector_params() -> Any:
 
 
 def hybrid_query(dense: Sequence[float], sparse: Any, *, dense_name: str, sparse_name: str,
-                 limit: int, query_filter: Any = None) -> dict[str, Any]:
+                 limit: int, query_filter: Any = None, params: Any = None) -> dict[str, Any]:
     """``query_points`` / ``QueryRequest`` arguments of a hybrid search: the dense and the
-    sparse top ``limit``, each under ``query_filter``, fused by RRF, with the dense vectors."""
+    sparse top ``limit``, each under ``query_filter`` (and search ``params``, e.g. exact),
+    fused by RRF, with the dense vectors."""
     from qdrant_client import models
 
     prefetch = [models.Prefetch(query=list(dense), using=dense_name or None, limit=limit,
-                                filter=query_filter)]
+                                filter=query_filter, params=params)]
     if sparse.indices:  # a query of stop words only has no sparse vector: dense order alone
         prefetch.append(models.Prefetch(query=sparse, using=sparse_name, limit=limit,
-                                        filter=query_filter))
+                                        filter=query_filter, params=params))
     return dict(prefetch=prefetch, query=models.RrfQuery(rrf=models.Rrf(k=RRF_K)), limit=limit,
                 with_vectors=[dense_name] if dense_name else True)

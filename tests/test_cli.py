@@ -36,7 +36,7 @@ def test_every_option_has_help(capsys):
     assert exit_info.value.code == 0
     assert "distill" in capsys.readouterr().out
     commands = _subparsers(cli.build_parser())
-    assert set(commands) == {"distill", "eval"}
+    assert set(commands) == {"distill", "eval", "copy-collection"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help and len(action.help) > 10, (name, action.option_strings)

@@ -268,8 +268,8 @@ def test_locked_qdrant_folder_names_the_process(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from qdrant_client import QdrantClient
-            client = QdrantClient(path={str(path)!r})
+            from llama_index_d2llm.edge import EdgeClient
+            client = EdgeClient.open({str(path)!r})
             print("ready", flush=True)
             sys.stdin.read()
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

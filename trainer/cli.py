@@ -4,6 +4,7 @@
     d2llm-rag distill --corpus corpus.jsonl --queries queries.jsonl --qrels qrels.tsv \\
         --teacher NAME --student NAME --output ./student
     d2llm-rag eval ./student --data ./beir_dataset --split test --output metrics.json
+    d2llm-rag copy-collection --qdrant-path ./qdrant --collection docs --url http://host:6333
 
 Errors a user can fix (a missing file, an unusable data set, a bad option) are printed as
 one line and exit with status 2; ``--debug`` shows the traceback instead.
@@ -25,6 +26,7 @@ from llama_index_d2llm.trainer.config import ConfigError, DistillConfig
 from llama_index_d2llm.trainer.losses import LossWeights
 from llama_index_d2llm.trainer.options import add_settings
 from llama_index_d2llm.trainer.paths import SUMMARY_NAME
+from llama_index_d2llm.trainer.store_cli import add_parser as add_copy_parser
 
 logger = logging.getLogger("llama_index_d2llm")
 
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _distill_parser(commands)
     _eval_parser(commands)
+    add_copy_parser(commands, _Formatter)
     return parser
 
 
@@ -107,10 +110,11 @@ def _eval_parser(commands: Any) -> None:
                         help="first-stage results the rescoring reorders (0: no rescoring; "
                              "default: 100)")
     parser.add_argument("--first-stage", choices=("exact", "qdrant"), default="exact",
-                        help="exact cosine search, or a local Qdrant collection (default: exact)")
+                        help="exact cosine search, or an embedded Qdrant collection (Qdrant "
+                             "Edge, searched exactly; default: exact)")
     parser.add_argument("--qdrant-path", default=":memory:",
-                        help="local Qdrant storage folder for --first-stage qdrant "
-                             "(default: in memory)")
+                        help="embedded Qdrant folder for --first-stage qdrant (default: a "
+                             "temporary one)")
     parser.add_argument("--hybrid", "--hybrid-bm25", dest="hybrid", action="store_true",
                         help="also report hybrid search: BM25 and the student's vectors fused by "
                              "reciprocal rank, then the rescoring of the fused top --rerank-k "
@@ -183,6 +187,17 @@ def stage_times(student_dir: Path) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.first_stage == "qdrant" and args.qdrant_path != ":memory:":
+        from llama_index_d2llm.edge import EdgeClient
+
+        # Taken now, not after the corpus is encoded: a folder in use is said at once, and
+        # the search later shares this hold.
+        with EdgeClient.open(args.qdrant_path):
+            return _evaluate(args)
+    return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from llama_index_d2llm.trainer import evaluation
 
     if args.student is None and args.run is None and not args.bm25:

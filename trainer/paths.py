@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from llama_index_d2llm.folder_lock import describe_holder
 from llama_index_d2llm.student.backbone import resolve_backbone
 from llama_index_d2llm.student.config import CONFIG_NAME
 from llama_index_d2llm.student.storage import STUDENT_FILES, check_student_target
@@ -117,7 +118,7 @@ def hold_work_dir(config: DistillConfig) -> Iterator[Path]:
             handle.seek(0)
             raise ConfigError(
                 f"--work-dir {str(work)!r} is in use by another d2llm-rag run "
-                f"({_describe_holder(handle.read())}): wait for it to end or stop it, or "
+                f"({describe_holder(handle.read())}): wait for it to end or stop it, or "
                 "pass another --output (or --work-dir)") from None
         handle.seek(0)
         handle.truncate()
@@ -130,16 +131,6 @@ def hold_work_dir(config: DistillConfig) -> Iterator[Path]:
         if created is not None and {p.name for p in work.iterdir()} <= {WORK_LOCK}:
             shutil.rmtree(created, ignore_errors=True)
         handle.close()
-
-
-def _describe_holder(record: str) -> str:
-    """What a lock file says about its holder, in words."""
-    try:
-        holder = json.loads(record)
-        return (f"process {holder['pid']} on {holder['host']} since {holder['since']}: "
-                f"{holder['command']}")
-    except (ValueError, KeyError, TypeError):
-        return "a process that has not said which yet"
 
 
 def claim_work_dir(config: DistillConfig) -> Path:

@@ -1,9 +1,18 @@
-"""First-stage search for evaluation: exact cosine, or a local Qdrant collection built as
-``D2LLMVectorStore`` builds one (dense, BM25 sparse, and hybrid fused in the query)."""
+"""First-stage search for evaluation: exact cosine, or an embedded Qdrant collection built as
+``D2LLMVectorStore`` builds one (dense, BM25 sparse, and hybrid fused in the query).
+
+The embedded store is Qdrant Edge, as the product's: in a temporary folder for ``:memory:``,
+else in the given folder (refused, naming the holder, while another process has it open).
+Its searches are exact (``SearchParams(exact=True)``), so the evaluation measures the student
+and not HNSW's approximation.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,11 +45,17 @@ def qdrant_search(query_vectors: torch.Tensor, passage_vectors: torch.Tensor,
                        location)["dense"]
 
 
-def _open_local_qdrant(location: str) -> Any:
-    from qdrant_client import QdrantClient
+@contextmanager
+def _open_embedded(location: str) -> Iterator[Any]:
+    """The embedded store (Qdrant Edge) at ``location``, a temporary folder for ":memory:"."""
+    from llama_index_d2llm.edge import EdgeClient
 
-    return (QdrantClient(location=":memory:") if location == ":memory:"
-            else QdrantClient(path=location))
+    with contextlib.ExitStack() as stack:
+        folder = (stack.enter_context(tempfile.TemporaryDirectory(prefix="d2llm-eval-"))
+                  if location == ":memory:" else location)
+        client = EdgeClient.open(folder)
+        stack.callback(client.close)
+        yield client
 
 
 def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tensor | None,
@@ -68,9 +83,9 @@ def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tenso
     if passage_vectors is None and not lexical:
         raise EvaluationError("qdrant_runs needs passage vectors, texts, or both")
     encoder = (bm25 or BM25Encoder()) if lexical else None
-    client = _open_local_qdrant(location)
     name = "d2llm-evaluation"
-    try:
+    exact = models.SearchParams(exact=True)
+    with _open_embedded(location) as client:
         if client.collection_exists(name):
             client.delete_collection(name)
         client.create_collection(
@@ -94,8 +109,8 @@ def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tenso
                 for i, vector in enumerate(vectors)])
         requests: dict[str, list[Any]] = {}
         if passage_vectors is not None:
-            requests["dense"] = [dict(query=v.tolist(), using=dense_name, limit=top_k)
-                                 for v in query_vectors]
+            requests["dense"] = [dict(query=v.tolist(), using=dense_name, limit=top_k,
+                                      params=exact) for v in query_vectors]
         if encoder is not None:
             sparse = [models.SparseVector(indices=i, values=v)
                       for i, v in zip(*encoder.encode_queries(query_texts), strict=True)]
@@ -103,7 +118,7 @@ def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tenso
             if passage_vectors is not None:
                 requests["hybrid"] = [
                     hybrid_query(v.tolist(), q, dense_name=dense_name, sparse_name=sparse_name,
-                                 limit=top_k)
+                                 limit=top_k, params=exact)
                     for v, q in zip(query_vectors, sparse, strict=True)]
         runs: dict[str, RunDict] = {}
         for kind, kind_requests in requests.items():
@@ -120,5 +135,3 @@ def qdrant_runs(query_vectors: torch.Tensor | None, passage_vectors: torch.Tenso
                                      for point in response.points}
             runs[kind] = run
         return runs
-    finally:
-        client.close()

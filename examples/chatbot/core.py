@@ -39,7 +39,6 @@ from examples.chatbot.store import (
     DEFAULT_COLLECTION,
     StoreLocation,
     open_store,
-    processes_holding,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,7 +67,6 @@ __all__ = [
     "load_file",
     "open_index",
     "open_store",
-    "processes_holding",
     "scan_folder",
     "sources_from_nodes",
 ]

@@ -132,7 +132,7 @@ class DocumentIndex:
             self.store, embed_model=self.embed)
 
     def close(self) -> None:
-        """Close the Qdrant client (an embedded store frees its folder for other processes)."""
+        """Close the Qdrant client (an embedded store flushes and frees its folder)."""
         self.client.close()
 
     def __enter__(self) -> DocumentIndex:
@@ -270,6 +270,8 @@ class DocumentIndex:
             report.embedded_chunks += self._commit(batch, manifest, report)
         manifest.save(self.manifest_path)
         if report.embedded_chunks:
+            self.store.optimize()  # the embedded store's HNSW index, built once per ingestion
+        if report.embedded_chunks:
             from llama_index_d2llm.qdrant import record_student
 
             record_student(self.store, self.embed.student, overwrite=rebuild)
@@ -299,16 +301,24 @@ class DocumentIndex:
 
     def _commit(self, batch: list[tuple[str, FileRecord, list[TextNode], bool]],
                 manifest: Manifest, report: IngestReport) -> int:
+        from llama_index_d2llm.upsert import assign_stable_ids
+
         nodes = [n for _, _, file_nodes, _ in batch for n in file_nodes]
+        # The ids the store writes them under (from file and text), so that the manifest
+        # names the points: the index hands the store copies of these nodes.
+        assign_stable_ids(nodes)
         vectors = self.embed.get_text_embedding_batch(
             [n.get_content(metadata_mode="embed") for n in nodes])
         for node, vector in zip(nodes, vectors, strict=True):
             node.embedding = vector
         self.index.insert_nodes(nodes)  # embedded already: insert_nodes does not re-embed
+        # An unchanged passage of a changed file keeps its point (the same id).
+        written = {n.node_id for n in nodes}
         stale = [i for relative, _, _, _ in batch if relative in manifest.files
-                 for i in manifest.files[relative].node_ids]
+                 for i in manifest.files[relative].node_ids if i not in written]
         self._delete(stale)
-        for relative, record, _, was_known in batch:
+        for relative, record, file_nodes, was_known in batch:
+            record.node_ids = [n.node_id for n in file_nodes]
             manifest.files[relative] = record
             (report.changed if was_known else report.added).append(relative)
         manifest.save(self.manifest_path)

@@ -6,9 +6,7 @@ become one-line messages that say what to do.
 
 from __future__ import annotations
 
-import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +15,8 @@ from examples.chatbot.errors import ChatbotError
 
 if TYPE_CHECKING:  # pragma: no cover
     from qdrant_client import QdrantClient
+
+    from llama_index_d2llm.edge import EdgeClient
 
 DEFAULT_COLLECTION = "documents"
 
@@ -42,24 +42,9 @@ class StoreLocation:
         return Path(self.path).parent / "manifests" / f"{self.collection}.json"
 
 
-def processes_holding(lock_file: Path) -> list[str]:
-    """``"PID (command)"`` of the processes with ``lock_file`` open (Linux /proc; else [])."""
-    target = str(Path(lock_file).resolve())
-    holders = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if proc.name == str(os.getpid()):
-                continue
-            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                holders.append(f"{proc.name} ({command[:80]})")
-        except OSError:  # processes come and go, others' fds are private
-            continue
-    return holders
-
-
-def open_store(location: StoreLocation, timeout: float = 10.0) -> QdrantClient:
-    """A connected client, or a ``ChatbotError`` that says what to do."""
+def open_store(location: StoreLocation, timeout: float = 10.0) -> QdrantClient | EdgeClient:
+    """A connected client (a server's, or the embedded store's: Qdrant Edge in the folder),
+    or a ``ChatbotError`` that says what to do."""
     from qdrant_client import QdrantClient
 
     if location.url:
@@ -74,22 +59,14 @@ def open_store(location: StoreLocation, timeout: float = 10.0) -> QdrantClient:
                 "or leave out --qdrant-url to use the embedded store on disk"
             ) from None
         return client
+    from llama_index_d2llm.edge import EdgeClient
+    from llama_index_d2llm.folder_lock import StoreInUseError
+
     path = Path(location.path).expanduser()
-    # Said once per index creation, about indexes QdrantVectorStore asks for; harmless here.
-    warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        return QdrantClient(path=str(path))
-    except RuntimeError as exc:
-        if "already accessed" not in str(exc):
-            raise
-        holders = processes_holding(path / ".lock")
-        who = f"process {', '.join(holders)}" if holders else "another process"
-        raise ChatbotError(
-            f"the Qdrant folder {path} is in use by {who}: the embedded store allows one "
-            "process at a time. Stop that process (another chatbot or quickstart), pass another "
-            "--qdrant-path, or run a Qdrant server and pass --qdrant-url"
-        ) from None
+        return EdgeClient.open(path)
+    except StoreInUseError as exc:
+        raise ChatbotError(f"{exc}; or run a Qdrant server and pass --qdrant-url") from None
     except OSError as exc:
         raise ChatbotError(f"cannot open the Qdrant folder {path}: {exc.strerror or exc}; pass a "
                            "writable --qdrant-path") from None
