@@ -6,11 +6,11 @@
    Gemma 3 270M writes and judges queries, the student starts from all-MiniLM-L6-v2 and keeps
    its starting weights unless distillation beats them on held-out generated queries
    (``d2llm-rag distill``, small settings: a few minutes on a 2-core CPU);
-2. indexes the corpus into an embedded Qdrant on disk with ``D2LLMEmbedding``;
-3. asks a few questions: for each, Qdrant's cosine ranking next to D2LLM's (hybrid search,
-   its top-k rescored as the student recorded: cosine, BM25 score, IEM), then an answer: with
-   the offline base model, the sentences of the best passages quoted (extractive); with an
-   instruction-tuned ``--llm``, generated.
+2. indexes the corpus into the embedded Qdrant (Qdrant Edge, a folder) with ``D2LLMEmbedding``;
+3. asks a few questions: for each, plain vector search next to this package (vector + keyword
+   search, its top-k reordered as the student recorded: cosine, BM25 score, IEM), then an
+   answer: with the offline base model, the sentences of the best passages quoted
+   (extractive); with an instruction-tuned ``--llm``, generated.
 
 Everything lands under ``--workdir`` (default ``runs/quickstart``); a second run reuses the
 student and the index. ``--quick`` is the smoke-test size (the test suite runs it with tiny
