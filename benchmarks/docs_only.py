@@ -68,8 +68,9 @@ def encode_cached(student, texts: list[str], kind: str, cache: Path) -> torch.Te
 
 
 def evaluate_student(student, benchmark: Benchmark, cache: Path,
-                     corpora: dict[tuple, tuple]) -> dict:
-    """Every row for one student on one benchmark (first stages, and its recorded fusion)."""
+                     corpora: dict[tuple, tuple], through_store: bool = False) -> dict:
+    """Every row for one student on one benchmark (first stages, and its recorded fusion);
+    with ``through_store`` the same rows again through the store and the retriever."""
     key = (benchmark.name, student.config.backbone, student.config.max_passage_length)
     if key not in corpora:
         ids, texts = passages_for(benchmark, student)
@@ -88,6 +89,15 @@ def evaluate_student(student, benchmark: Benchmark, cache: Path,
     results = score(runs, qrels, benchmark.answer_files)
     results["fusion"] = {s: (None if f is None else f.to_dict()) for s, f in fusions.items()}
     results["passages"] = len(corpus.ids)
+    if through_store:
+        from docs_only_store import store_runs
+
+        queries = {q: benchmark.queries[q] for q in corpus.query_ids}
+        runs = store_runs(student, corpus.ids, corpus.texts, queries, passage_vectors,
+                          query_vectors)
+        seconds = runs.pop("seconds")
+        results["store"] = score(runs, qrels, benchmark.answer_files)
+        results["store"]["seconds"] = seconds
     return results
 
 
@@ -119,11 +129,19 @@ def summarise(results: dict) -> dict:
         if row in results:
             entry = results[row]
             out[row] = {k: entry[k] for k in ("ndcg@10", "file@1", "file@3") if k in entry}
+    if "store" in results:
+        out["store"] = summarise(results["store"])
+        out["store"]["seconds"] = results["store"]["seconds"]
     return out
 
 
 def compare(results: dict, baseline: dict) -> dict:
-    """The student's product ranking against the untrained encoder's and BM25, per query."""
+    """The student's product ranking against the untrained encoder's and BM25, per query
+    (through the store when it was measured there: the untrained encoder's hybrid rescored
+    by the default fusion, the student's by its own)."""
+    if "store" in results and "store" in baseline:
+        results, baseline = results["store"], baseline["store"]
+        baseline = {**baseline, "hybrid_default": baseline["hybrid_rescored"]}
     mine = results["hybrid_rescored"]["per_query"]
     return {other: dict(zip(("mean", "se"), paired(mine, baseline[other]["per_query"]),
                             strict=True))
@@ -138,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS")
     parser.add_argument("--starting-encoder", default="minilm")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--store", action="store_true", help=(
+        "also measure every row through D2LLMVectorStore + D2LLMRetriever on the embedded "
+        "store (the figures to report)"))
     args = parser.parse_args(argv)
 
     from llama_index_d2llm.student import D2LLMStudent
@@ -150,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     untrained = D2LLMStudent.from_backbone(args.starting_encoder, lora=None)
     for name in args.corpora:
         benchmark = load_benchmark(name)
-        base = evaluate_student(untrained, benchmark, work / "vectors", corpora)
+        base = evaluate_student(untrained, benchmark, work / "vectors", corpora, args.store)
         entry = report.setdefault(name, {})
         entry["untrained"] = summarise(base)
         print(f"{name}: untrained {args.starting_encoder}: {entry['untrained']}", flush=True)
@@ -161,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
             record = distill(benchmark.corpus, student_dir, work / name / "work",
                              f"{args.distill_args} {options}", log)
             student = D2LLMStudent.from_pretrained(student_dir)
-            results = evaluate_student(student, benchmark, work / "vectors", corpora)
+            results = evaluate_student(student, benchmark, work / "vectors", corpora,
+                                       args.store)
             entry[variant] = {"distill": record, "rows": summarise(results),
                               "fusion": results["fusion"], "vs": compare(results, base)}
             print(f"{name}: {variant}: {entry[variant]['rows']} vs {entry[variant]['vs']} "

@@ -152,5 +152,9 @@ def test_fusing_with_a_run_that_found_nothing_keeps_the_other_ranking():
     dense = {"q": {"a": 0.9, "b": 0.7, "c": 0.8}}
     assert fuse_runs([dense, {"q": {}}]) == {"q": {"a": 1 / 61, "c": 1 / 62, "b": 1 / 63}}
     assert fuse_runs([{}, {"q": {}}]) == {}
+    # a query with hits in one run only is fused over that run (ranx refused mixed query sets)
+    mixed = fuse_runs([{"q": {"a": 1.0}, "r": {"x": 2.0, "y": 1.0}}, {"q": {"a": 5.0}, "r": {}}])
+    assert mixed["r"] == {"x": 1 / 61, "y": 1 / 62}
+    assert mixed["q"]["a"] == pytest.approx(2 / 61)
     both = fuse_runs([dense, {"q": {"b": 3.0}}])
     assert max(both["q"], key=both["q"].get) == "b"  # ranx's fusion, as before

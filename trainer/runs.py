@@ -121,10 +121,23 @@ def fuse_runs(runs: Sequence[RunDict], method: str = "rrf") -> RunDict:
     kept = [run for run in kept if run]
     if len(kept) < 2:  # ranx fuses two runs or more (a run with no hit at all crashed it)
         return {q: _reciprocal_ranks(docs) for q, docs in (kept[0] if kept else {}).items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numba's type-safety chatter
-        fused = fuse([RanxRun(run) for run in kept], method=method)
-    return {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
+    # ranx needs the same queries in every run: a query with hits in some runs only (a title
+    # of stop words finds nothing by BM25) is fused over the runs that have it
+    everywhere = set.intersection(*(set(run) for run in kept))
+    out: RunDict = {}
+    if everywhere:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numba's type-safety chatter
+            fused = fuse([RanxRun({q: run[q] for q in everywhere}) for run in kept],
+                         method=method)
+        out = {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
+    for query in set().union(*kept) - everywhere:
+        scores: dict[str, float] = {}
+        for run in kept:
+            for doc, score in _reciprocal_ranks(run.get(query, {})).items():
+                scores[doc] = scores.get(doc, 0.0) + score
+        out[query] = scores
+    return out
 
 
 def _reciprocal_ranks(docs: dict[str, float], k: int = 60) -> dict[str, float]:
